@@ -1,0 +1,1 @@
+"""Pure PyTorch: per-modality encoders, the multimodal Transformer teacher, co-training losses."""

@@ -1,0 +1,1 @@
+"""Running things: config, DeepSpeed training, evaluation, metrics and the command line."""

@@ -1,0 +1,1 @@
+"""Train-time loading: shards -> DALI -> one batch contract handed to torch."""

@@ -1,0 +1,29 @@
+"""cotrain: co-training unimodal branches with a multimodal Transformer teacher."""
+from setuptools import setup
+
+setup(
+    name="cotrain",
+    version="0.1.0",
+    description="Streaming multimodal shards, DALI loading and DeepSpeed co-training of unimodal branches "
+    "with a multimodal Transformer teacher (arXiv 2311.10170).",
+    packages=["shards", "pipeline", "model", "ops"],
+    package_data={"ops": ["configs/*.json"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "numpy",
+        "webdataset>=0.2.86",
+        "nvidia-dali-cuda120>=1.40",
+        "ffmpeg-python>=0.2",
+        "deepspeed>=0.14",
+        "prometheus-client>=0.17",
+        "click>=8.1",
+        # Trains the corpus tokenizer at build time (issue #2/#3): a maintained, fast
+        # implementation of WordLevel/BPE training beats a hand-written vocabulary.
+        "tokenizers>=0.15",
+        # Progress bars on long shard builds and training.
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={"console_scripts": ["cotrain=ops.cli:main"]},
+)

@@ -1,0 +1,1 @@
+"""Offline corpus conversion: manifest -> transcoded media -> WebDataset shards with DALI indexes."""
