@@ -1,0 +1,121 @@
+"""model/: encoders, the co-trained model, and the transfer loss's value and gradient flow."""
+import math
+
+import pytest
+import torch
+
+from model.cotrain import TEACHER, CoTrainModel, ModalitySpec
+from model.encoders import ENCODERS, build_encoder
+from model.losses import TransferConfig, cotrain_losses, decision_transfer, total_loss
+
+SPECS = [
+    ModalitySpec("rgb", "video", {"widths": (8, 8, 16)}),
+    ModalitySpec("audio", "audio", {"in_channels": 10, "widths": (8, 16, 16)}),
+    ModalitySpec("text", "text", {"vocab_size": 20, "widths": (8, 16, 16)}),
+]
+
+
+def _batch(b=4):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 20, (b, 6), generator=g)
+    ids[:, 4:] = 0  # padding
+    inputs = {"rgb": torch.randn(b, 3, 4, 16, 16, generator=g), "audio": torch.randn(b, 10, 20, generator=g), "text": ids}
+    present = {m: torch.ones(b, dtype=torch.bool) for m in inputs}
+    return inputs, present, torch.randint(0, 5, (b,), generator=g)
+
+
+def test_every_registered_encoder_runs_without_nan():
+    samples = {"video": torch.randn(2, 3, 4, 16, 16), "depth": torch.randn(2, 3, 4, 16, 16),
+               "audio": torch.randn(2, 40, 20), "text": torch.randint(0, 30, (2, 7))}
+    for kind, names in ENCODERS.items():
+        for name in names:
+            cfg = {"vocab_size": 30} if kind == "text" else {}
+            enc = build_encoder(kind, name, **cfg)
+            x = samples[kind]
+            out = enc(x)
+            assert out.shape[:2] == (2, enc.out_channels[-1])
+            assert torch.isfinite(out).all()
+            # split consistency: shared stages then the rest equal the whole
+            assert torch.allclose(enc.run(enc.run(x, 0, 1), 1), out)
+
+
+def test_unknown_encoder_lists_valid_names():
+    with pytest.raises(ValueError, match="valid names: cnn3d"):
+        build_encoder("video", "resnet999")
+    with pytest.raises(ValueError, match="valid kinds"):
+        build_encoder("smell")
+
+
+def test_cotrain_model_returns_every_branch():
+    model = CoTrainModel(SPECS, 5, mode="cotrain")
+    inputs, present, _ = _batch()
+    logits = model(inputs, present)
+    assert set(logits) == {"rgb", "audio", "text", TEACHER}
+    assert all(v.shape == (4, 5) and torch.isfinite(v).all() for v in logits.values())
+
+
+def test_modes_build_the_right_branches():
+    assert CoTrainModel(SPECS[:1], 5, mode="unimodal").branches == ["rgb"]
+    assert CoTrainModel(SPECS, 5, mode="multimodal").branches == [TEACHER]
+    with pytest.raises(ValueError, match="one modality"):
+        CoTrainModel(SPECS, 5, mode="unimodal")
+
+
+def test_missing_modality_is_ignored_by_the_teacher():
+    torch.manual_seed(0)
+    model = CoTrainModel(SPECS, 5, mode="multimodal").eval()
+    inputs, present, _ = _batch()
+    present["audio"] = torch.tensor([True, False, True, False])
+    ref = model(inputs, present)[TEACHER]
+    scrambled = dict(inputs, audio=torch.randn_like(inputs["audio"]) * 100)
+    out = model(scrambled, present)[TEACHER]
+    assert torch.allclose(out[1], ref[1], atol=1e-5) and torch.allclose(out[3], ref[3], atol=1e-5)
+    assert not torch.allclose(out[0], ref[0], atol=1e-3)  # present samples do see the change
+
+
+def test_decision_transfer_matches_hand_computed_value():
+    student = torch.tensor([[1.0, 0.0, -1.0]])
+    teacher = torch.tensor([[0.0, 2.0, 0.0]])
+    t = 2.0
+    p_t = torch.softmax(teacher / t, -1)[0].tolist()
+    p_s = torch.softmax(student / t, -1)[0].tolist()
+    by_hand = t * t * sum(a * (math.log(a) - math.log(b)) for a, b in zip(p_t, p_s))
+    got = decision_transfer(student, teacher, t, torch.tensor([True]))
+    assert got.item() == pytest.approx(by_hand, rel=1e-6)
+    assert decision_transfer(teacher, teacher, t, torch.tensor([True])).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_transfer_gives_no_gradient_to_teacher_but_shared_gets_both_paths():
+    torch.manual_seed(0)
+    model = CoTrainModel(SPECS, 5, mode="cotrain")
+    inputs, present, labels = _batch()
+    logits = model(inputs, present)
+    terms = cotrain_losses(logits, labels, present, TransferConfig(alpha=1.0))
+    transfer = sum(v for k, v in terms.items() if k.endswith("_transfer_loss"))
+    transfer.backward()
+    teacher_grads = [p.grad for p in model.teacher.parameters()]
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in teacher_grads)
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in model.shared.parameters())
+
+    # the teacher's task loss alone also reaches the shared stages: both paths feed them
+    model.zero_grad()
+    logits = model(inputs, present)
+    cotrain_losses(logits, labels, present, TransferConfig(alpha=0.0))[f"{TEACHER}_task_loss"].backward()
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in model.shared.parameters())
+
+
+def test_total_loss_sums_named_terms_and_alpha_zero_drops_transfer():
+    model = CoTrainModel(SPECS, 5, mode="cotrain")
+    inputs, present, labels = _batch()
+    logits = model(inputs, present)
+    terms = cotrain_losses(logits, labels, present, TransferConfig(alpha=0.0))
+    assert not any(k.endswith("_transfer_loss") for k in terms)
+    assert torch.isclose(total_loss(terms), sum(terms.values()))
+
+
+def test_transfer_config_rules():
+    with pytest.raises(ValueError, match="transfer.alpha"):
+        TransferConfig(alpha=-1)
+    with pytest.raises(ValueError, match="transfer.temperature"):
+        TransferConfig(temperature=0)
+    assert TransferConfig(alpha=2.0, warmup_fraction=0.5).scale_at(0.25) == pytest.approx(1.0)
