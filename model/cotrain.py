@@ -51,6 +51,23 @@ class FusionConfig:
     """Dropout inside the Transformer blocks."""
     max_tokens: int = 256
     """Size of the learned position table (per modality)."""
+    stream_loss: bool = True
+    """Give each of the teacher's per-modality streams a head and a task loss of its own (beyond the paper).
+    Trained jointly, a fusion model fits the easiest modality first and leaves the others under-trained
+    (modality competition); a loss per stream makes every stream learn its modality, so the teacher
+    can be stronger than each student."""
+    stream_label_smoothing: float = 0.2
+    """Label smoothing of the stream losses. Experts trained on noisy labels memorise them and grow
+    overconfident, and a product of overconfident experts is only as good as the loudest one; smoothed
+    targets keep their probabilities honest so the product votes."""
+    late_fusion: bool = True
+    """Add the product of the per-modality streams' (detached) predictions to the Transformer's output
+    (beyond the paper). Streams trained by their own losses are unimodal experts; their product is a strong
+    fusion baseline that the Transformer only has to correct, so the teacher does not end up weaker than
+    a student when the Transformer overfits the modality it fits first. Needs stream_loss."""
+    modality_dropout: float = 0.0
+    """In training, the probability of hiding each modality from the teacher per sample (one always stays).
+    It keeps the teacher from leaning on the modality it fits first, so it stays stronger than every student."""
 
 
 def _split(encoder: StagedEncoder, shared_stages: int) -> tuple[nn.Sequential, nn.Sequential]:
@@ -92,18 +109,44 @@ class MultimodalBranch(nn.Module):
         self.blocks = nn.TransformerEncoder(block, cfg.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, num_classes)
+        self.modality_dropout = cfg.modality_dropout
+        self.stream_heads = nn.ModuleDict({m: nn.Linear(widths[m], num_classes) for m in self.order}) \
+            if cfg.stream_loss else None
+        if cfg.late_fusion and not cfg.stream_loss:
+            raise ValueError("fusion.late_fusion needs fusion.stream_loss: the streams' own losses train the experts")
+        self.late_fusion = cfg.late_fusion
 
-    def _tokens(self, i: int, m: str, shared: torch.Tensor) -> torch.Tensor:
+    def _drop_modalities(self, present: dict) -> dict:
+        """Hide each present modality with probability p, keeping at least one per sample."""
+        names = list(present)
+        mask = torch.stack([present[m] for m in names], dim=1)  # (B, M)
+        kept = mask & (torch.rand(mask.shape, device=mask.device) >= self.modality_dropout)
+        # samples that lost everything keep one of their present modalities, chosen at random
+        lost = ~kept.any(dim=1)
+        if lost.any():
+            scores = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, -1.0)
+            rescue = torch.zeros_like(mask).scatter_(1, scores.argmax(dim=1, keepdim=True), True)
+            kept = kept | (rescue & lost[:, None])
+        return {m: kept[:, i] for i, m in enumerate(names)}
+
+    def _stream(self, i: int, m: str, shared: torch.Tensor, valid: torch.Tensor | None):
+        """(B, L_m, D) embedded tokens of modality m, and its stream logits (or None)."""
         tokens = tokens_of(self.rests[m](shared))  # (B, L_m, C_m)
         length = tokens.shape[1]
         if length > self.pos_embed.shape[0]:
             raise ValueError(f"modality {m!r} yields {length} tokens; raise fusion.max_tokens to at least {length}")
-        return self.proj[m](tokens) + self.modality_embed[i] + self.pos_embed[:length]  # (B, L_m, D)
+        stream = self.stream_heads[m](masked_mean(tokens, valid)) if self.stream_heads is not None else None
+        return self.proj[m](tokens) + self.modality_embed[i] + self.pos_embed[:length], stream
 
-    def forward(self, shared: dict, valid: dict, present: dict) -> torch.Tensor:
-        tokens, keep = [], []
+    def forward(self, shared: dict, valid: dict, present: dict) -> dict[str, torch.Tensor]:
+        """{"multimodal": fused logits, "multimodal/<m>": stream logits per modality (when enabled)}."""
+        if self.training and self.modality_dropout > 0:
+            present = self._drop_modalities(present)
+        tokens, keep, out = [], [], {}
         for i, m in enumerate(self.order):
-            t = self._tokens(i, m, shared[m])
+            t, stream = self._stream(i, m, shared[m], valid[m])
+            if stream is not None:
+                out[f"{TEACHER}/{m}"] = stream
             k = present[m][:, None].expand(-1, t.shape[1])
             tokens.append(t)
             keep.append(k & valid[m] if valid[m] is not None else k)
@@ -112,7 +155,16 @@ class MultimodalBranch(nn.Module):
         keep_all = keep_all.clone()
         keep_all[:, 0] |= ~keep_all.any(dim=1)
         x = self.blocks(x, src_key_padding_mask=~keep_all)
-        return self.head(self.norm(masked_mean(x, keep_all)))
+        out[TEACHER] = self.head(self.norm(masked_mean(x, keep_all)))
+        if self.late_fusion:
+            out[TEACHER] = out[TEACHER] + self._product_of_experts(out, present)
+        return out
+
+    def _product_of_experts(self, out: dict, present: dict) -> torch.Tensor:
+        """Sum over present modalities of the detached stream log-probabilities, (B, num_classes)."""
+        experts = [torch.log_softmax(out[f"{TEACHER}/{m}"].detach(), dim=-1) * present[m][:, None]
+                   for m in self.order]
+        return torch.stack(experts).sum(dim=0)
 
 
 class CoTrainModel(nn.Module):
@@ -149,12 +201,13 @@ class CoTrainModel(nn.Module):
         return list(self.students) + ([TEACHER] if self.teacher is not None else [])
 
     def forward(self, inputs: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Logits (B, num_classes) per branch: one per student modality, and 'multimodal'."""
+        """Logits (B, num_classes) per branch: one per student modality and 'multimodal', plus the teacher's
+        training-only stream heads as 'multimodal/<m>'."""
         shared = {m: self.shared[m](inputs[m]) for m in self.shared}
         valid = {m: (inputs[m] != 0) if self.kinds[m] == "text" else None for m in self.shared}
         logits = {m: branch(shared[m], valid[m]) for m, branch in self.students.items()}
         if self.teacher is not None:
-            logits[TEACHER] = self.teacher(shared, valid, present)
+            logits.update(self.teacher(shared, valid, present))
         return logits
 
 

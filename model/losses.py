@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from .cotrain import TEACHER
 
-__all__ = ["TransferConfig", "task_loss", "decision_transfer", "cotrain_losses", "total_loss"]
+GATES = ("none", "teacher_correct")
+
+__all__ = ["GATES", "TransferConfig", "task_loss", "decision_transfer", "cotrain_losses", "total_loss"]
 
 
 @dataclass
@@ -24,8 +26,13 @@ class TransferConfig:
     """Weight of the decision-level KL term, alpha * T^2 * KL(teacher || student)."""
     temperature: float = 2.0
     """Softmax temperature T applied to both teacher and student logits."""
-    warmup_fraction: float = 0.0
-    """Fraction of training over which alpha ramps linearly from 0 (0 = full weight from step one)."""
+    warmup_fraction: float = 0.5
+    """Fraction of training over which alpha ramps linearly from 0 (0 = full weight from step one, as in the
+    paper). Early on the teacher is no better than the students, and full-weight transfer from step one
+    kept our video student on its initial plateau (18.9% against 84.4% trained alone)."""
+    gate: str = "teacher_correct"
+    """Which samples transfer: 'none' (all, as in the paper) or 'teacher_correct' (only where the teacher's
+    prediction is the true label, so a wrong teacher never pulls a student away from the label)."""
 
     def __post_init__(self):
         if self.alpha < 0:
@@ -34,6 +41,8 @@ class TransferConfig:
             raise ValueError(f"transfer.temperature must be > 0, got {self.temperature}")
         if not 0 <= self.warmup_fraction <= 1:
             raise ValueError(f"transfer.warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
+        if self.gate not in GATES:
+            raise ValueError(f"transfer.gate must be one of {', '.join(GATES)}, got {self.gate!r}")
 
     def scale_at(self, progress: float) -> float:
         """alpha times the warm-up ramp, at `progress` in [0, 1] of training."""
@@ -47,9 +56,11 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, present: torch.Tensor,
+              label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy averaged over the samples where the branch's input is present."""
-    return _masked_mean(F.cross_entropy(logits, labels, reduction="none"), present)
+    loss = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
+    return _masked_mean(loss, present)
 
 
 def decision_transfer(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
@@ -67,20 +78,33 @@ def decision_transfer(student: torch.Tensor, teacher: torch.Tensor, temperature:
 
 
 def cotrain_losses(logits: dict[str, torch.Tensor], labels: torch.Tensor, present: dict[str, torch.Tensor],
-                   transfer: TransferConfig, transfer_scale: float | None = None) -> dict[str, torch.Tensor]:
+                   transfer: TransferConfig, transfer_scale: float | None = None,
+                   stream_label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
     """Named loss terms: `<branch>_task_loss` for every branch, `<m>_transfer_loss` per student."""
     any_present = torch.stack(list(present.values())).any(dim=0)
     terms = {}
     for branch, branch_logits in logits.items():
+        if branch.startswith(f"{TEACHER}/"):  # a teacher stream: its modality's samples only
+            m = branch.split("/", 1)[1]
+            terms[f"{TEACHER}_{m}_stream_loss"] = task_loss(branch_logits, labels, present[m], stream_label_smoothing)
+            continue
         mask = any_present if branch == TEACHER else present[branch]
         terms[f"{branch}_task_loss"] = task_loss(branch_logits, labels, mask)
     scale = transfer.alpha if transfer_scale is None else transfer_scale
     if TEACHER in logits and scale > 0:
+        trusted = _trusted(logits[TEACHER], labels, transfer.gate)
         for branch in logits:
-            if branch != TEACHER:
-                kl = decision_transfer(logits[branch], logits[TEACHER], transfer.temperature, present[branch])
+            if TEACHER not in branch:
+                kl = decision_transfer(logits[branch], logits[TEACHER], transfer.temperature, present[branch] & trusted)
                 terms[f"{branch}_transfer_loss"] = scale * kl
     return terms
+
+
+def _trusted(teacher: torch.Tensor, labels: torch.Tensor, gate: str) -> torch.Tensor:
+    """(B,) samples whose teacher output may be transferred under `gate`."""
+    if gate == "teacher_correct":
+        return teacher.detach().argmax(dim=-1) == labels
+    return torch.ones_like(labels, dtype=torch.bool)
 
 
 def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:

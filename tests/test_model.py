@@ -50,7 +50,8 @@ def test_cotrain_model_returns_every_branch():
     model = CoTrainModel(SPECS, 5, mode="cotrain")
     inputs, present, _ = _batch()
     logits = model(inputs, present)
-    assert set(logits) == {"rgb", "audio", "text", TEACHER}
+    assert model.branches == ["rgb", "audio", "text", TEACHER]
+    assert set(logits) == {"rgb", "audio", "text", TEACHER, f"{TEACHER}/rgb", f"{TEACHER}/audio", f"{TEACHER}/text"}
     assert all(v.shape == (4, 5) and torch.isfinite(v).all() for v in logits.values())
 
 
@@ -90,7 +91,7 @@ def test_transfer_gives_no_gradient_to_teacher_but_shared_gets_both_paths():
     model = CoTrainModel(SPECS, 5, mode="cotrain")
     inputs, present, labels = _batch()
     logits = model(inputs, present)
-    terms = cotrain_losses(logits, labels, present, TransferConfig(alpha=1.0))
+    terms = cotrain_losses(logits, labels, present, TransferConfig(alpha=1.0, gate="none"))
     transfer = sum(v for k, v in terms.items() if k.endswith("_transfer_loss"))
     transfer.backward()
     teacher_grads = [p.grad for p in model.teacher.parameters()]
@@ -119,3 +120,41 @@ def test_transfer_config_rules():
     with pytest.raises(ValueError, match="transfer.temperature"):
         TransferConfig(temperature=0)
     assert TransferConfig(alpha=2.0, warmup_fraction=0.5).scale_at(0.25) == pytest.approx(1.0)
+
+
+def test_teacher_correct_gate_transfers_only_where_the_teacher_is_right():
+    teacher = torch.tensor([[5.0, 0.0], [5.0, 0.0]])  # predicts class 0 for both
+    student = torch.tensor([[0.0, 5.0], [0.0, 5.0]])
+    labels = torch.tensor([0, 1])  # right on the first sample only
+    present = {"a": torch.tensor([True, True])}
+    logits = {"a": student, TEACHER: teacher}
+    gated = cotrain_losses(logits, labels, present, TransferConfig(gate="teacher_correct"))["a_transfer_loss"]
+    first_only = decision_transfer(student[:1], teacher[:1], 2.0, torch.tensor([True]))
+    assert gated.item() == pytest.approx(first_only.item())
+    ungated = cotrain_losses(logits, labels, present, TransferConfig(gate="none"))["a_transfer_loss"]
+    assert ungated.item() == pytest.approx(decision_transfer(student, teacher, 2.0, present["a"]).item())
+
+
+def test_modality_dropout_hides_modalities_but_keeps_one_per_sample():
+    from model.cotrain import FusionConfig, MultimodalBranch
+
+    branch = MultimodalBranch({"a": torch.nn.Identity(), "b": torch.nn.Identity()}, {"a": 4, "b": 4}, 3,
+                              FusionConfig(modality_dropout=0.9))
+    torch.manual_seed(0)
+    present = {"a": torch.ones(1000, dtype=torch.bool), "b": torch.tensor([True, False] * 500)}
+    kept = branch._drop_modalities(present)
+    both = torch.stack([kept["a"], kept["b"]], 1)
+    assert both.any(dim=1).all()  # never everything
+    assert not (kept["b"] & ~present["b"]).any()  # never resurrects an absent modality
+    assert kept["a"].float().mean() < 0.9  # but does hide
+
+
+def test_teacher_streams_are_trained_by_their_own_loss_only():
+    torch.manual_seed(0)
+    model = CoTrainModel(SPECS, 5, mode="multimodal")
+    inputs, present, labels = _batch()
+    logits = model(inputs, present)
+    assert set(logits) == {TEACHER, f"{TEACHER}/rgb", f"{TEACHER}/audio", f"{TEACHER}/text"}
+    cotrain_losses(logits, labels, present, TransferConfig())[f"{TEACHER}_task_loss"].backward()
+    # late fusion adds the streams' detached predictions: the fused loss never reaches the stream heads
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.teacher.stream_heads.parameters())
