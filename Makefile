@@ -1,0 +1,43 @@
+# Two entry points, each doing its own set-up on a fresh machine:
+#   make demo   synthesize the built-in corpus, build shards, train baselines and co-training, print the table
+#   make test   run the test suite
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.installed
+# A CPU build of torch 2.13.0 lies on our machines' disk; on a GPU machine pip fetches the CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR  ?= demo-out
+DEMO_ARGS ?=
+
+.PHONY: demo test setup system-deps clean
+
+demo: $(STAMP)
+	$(VENV)/bin/cotrain demo --workdir $(DEMO_DIR) $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+setup: $(STAMP)
+
+# Debian's ffmpeg (ffmpeg-python drives its binaries): installed when missing and we are root,
+# otherwise a message saying what to install.
+system-deps:
+	@if ! command -v ffmpeg >/dev/null 2>&1 || ! command -v ffprobe >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's ffmpeg"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; \
+	  else \
+	    echo "ffmpeg and ffprobe are missing: install them (Debian/Ubuntu: sudo apt-get install ffmpeg) and re-run make"; \
+	    exit 1; \
+	  fi; \
+	fi
+
+$(STAMP): setup.py | system-deps
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,135 @@
+"""ops/: training under DeepSpeed in every mode, evaluation JSON, metrics endpoint, two ranks."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ops.cli import main
+from ops.config import RunConfig, deepspeed_config, load_config
+from ops.demo import comparison_rows, format_comparison
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _clean_env() -> dict:
+    """This process's environment without the distributed variables an in-process run set."""
+    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
+    return env
+
+
+def _train(shards, out, *args):
+    result = CliRunner().invoke(main, ["train", "--shards", str(shards), "--out", str(out), "--epochs", "1",
+                                       "--batch-size", "4", "--metrics-port", "0", *args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+@pytest.mark.parametrize("mode,modalities,branches", [
+    ("cotrain", None, {"rgb", "audio", "text", "multimodal"}),
+    ("unimodal", "audio", {"audio"}),
+    ("multimodal", None, {"multimodal"}),
+])
+def test_one_epoch_in_each_mode_then_eval_writes_json(tiny_shards, tmp_path, mode, modalities, branches):
+    run = tmp_path / mode
+    _train(tiny_shards, run, "--mode", mode, *(["--modalities", modalities] if modalities else []))
+    assert (run / "model.pt").is_file() and (run / "config.json").is_file()
+    assert load_config(run / "config.json").mode == mode
+
+    result = CliRunner().invoke(main, ["eval", "--run", str(run), "--split", "test"])
+    assert result.exit_code == 0, result.output
+    written = json.loads((run / "eval-test.json").read_text())
+    assert written["split"] == "test"
+    assert set(written["branches"]) == branches
+    assert all(0.0 <= b["accuracy"] <= 1.0 for b in written["branches"].values())
+    assert all(b["samples"] > 0 for b in written["branches"].values())
+    for branch in branches:
+        assert branch in result.output
+
+
+def test_unimodal_mode_needs_exactly_one_modality(tiny_shards, tmp_path):
+    result = CliRunner().invoke(main, ["train", "--shards", str(tiny_shards), "--out", str(tmp_path / "r"),
+                                       "--mode", "unimodal"])
+    assert result.exit_code != 0 and "--modalities NAME" in result.output
+
+
+def test_eval_of_a_missing_run_says_what_to_do(tmp_path):
+    result = CliRunner().invoke(main, ["eval", "--run", str(tmp_path)])
+    assert result.exit_code != 0 and "train first" in result.output
+
+
+def test_deepspeed_config_is_derived_from_the_run_config():
+    cfg = RunConfig(shards="s", out="o")
+    cfg.optim.zero_stage = 2
+    ds = deepspeed_config(cfg, total_steps=100, bf16=False)
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.loader.batch_size and "train_batch_size" not in ds
+    assert ds["optimizer"]["params"]["lr"] == cfg.optim.lr and ds["optimizer"]["params"]["torch_adam"]
+    assert ds["scheduler"]["type"] == "WarmupCosineLR" and ds["scheduler"]["params"]["total_num_steps"] == 100
+
+
+def test_metrics_endpoint_answers_during_training(tiny_shards, tmp_path):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    proc = subprocess.Popen([str(VENV_BIN / "cotrain"), "train", "--shards", str(tiny_shards), "--out",
+                             str(tmp_path / "run"), "--epochs", "30", "--batch-size", "4", "--metrics-port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_clean_env())
+    body, deadline = "", time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                body = urllib.request.urlopen(url, timeout=2).read().decode()
+                if 'cotrain_steps_total{rank="0"}' in body and 'term="transfer"' in body:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        output = proc.communicate()[0]
+    assert 'cotrain_steps_total{rank="0"}' in body, output[-3000:]
+    for name in ("cotrain_total_loss", "cotrain_samples_per_second", "cotrain_step_duration_seconds_bucket",
+                 "cotrain_samples_total", "cotrain_learning_rate", "cotrain_last_step_timestamp_seconds"):
+        assert name in body
+    for branch in ("rgb", "audio", "text", "multimodal"):
+        assert f'branch="{branch}",rank="0",term="task"' in body
+    assert 'branch="rgb",rank="0",term="transfer"' in body
+
+
+def test_two_ranks_under_the_deepspeed_launcher_end_with_identical_parameters(tiny_shards, tmp_path):
+    run = tmp_path / "two"
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(VENV_BIN / "cotrain"), "train", "--shards", str(tiny_shards), "--out", str(run), "--epochs", "2",
+           "--batch-size", "4", "--metrics-port", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_clean_env())
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    digests = [(run / f"params-rank{r}.sha256").read_text() for r in range(2)]
+    assert digests[0] == digests[1]
+    assert "2 rank(s)" in done.stdout
+
+
+def test_comparison_table_reports_differences():
+    results = {
+        "unimodal-a": [{"branches": {"a": {"accuracy": 0.5}}}, {"branches": {"a": {"accuracy": 0.7}}}],
+        "multimodal": [{"branches": {"multimodal": {"accuracy": 0.8}}}] * 2,
+        "cotrain": [{"branches": {"a": {"accuracy": 0.7}, "multimodal": {"accuracy": 0.9}}}] * 2,
+    }
+    rows = comparison_rows(results, ["a"])
+    assert rows[0]["alone"] == pytest.approx(0.6) and rows[0]["difference"] == pytest.approx(0.1)
+    table = format_comparison(rows)
+    assert "| a | 60.0 ± 10.0 | 70.0 ± 0.0 | +10.0 |" in table
+    assert "| multimodal | 80.0 ± 0.0 | 90.0 ± 0.0 | +10.0 |" in table
