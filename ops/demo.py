@@ -40,13 +40,15 @@ def _plan(modalities: list[str]) -> list[tuple[str, str, list[str]]]:
     return plan + [("multimodal", "multimodal", []), ("cotrain", "cotrain", [])]
 
 
-def _train_and_score(run: Path, cfg: RunConfig) -> dict:
+def _train_and_score(run: Path, cfg: RunConfig) -> tuple[dict, dict]:
+    """(test scores, best validation scores) of one run, training it first if needed."""
     from .train import train
 
     if not (run / MODEL_FILE).is_file():
         train(cfg)
     path = run / "eval-test.json"
-    return json.loads(path.read_text()) if path.is_file() else evaluate_run(run, split="test")
+    test = json.loads(path.read_text()) if path.is_file() else evaluate_run(run, split="test")
+    return test, json.loads((run / "eval-val.json").read_text())
 
 
 def comparison_rows(results: dict[str, list[dict]], modalities: list[str]) -> list[dict]:
@@ -79,19 +81,28 @@ def run_demo(*, workdir: str, n: int, epochs: int, seeds: list[int], metrics_por
 
     modalities = list(load_dataset_info(shards).modalities)
     results: dict[str, list[dict]] = {}
+    val_results: dict[str, list[dict]] = {}
     for seed in seeds:
         for name, mode, mods in _plan(modalities):
             run = work / "runs" / f"{name}-seed{seed}"
             print(f"[demo] {name}, seed {seed} -> {run}", flush=True)
             cfg = RunConfig(shards=str(shards), out=str(run), mode=mode, modalities=mods, epochs=epochs, seed=seed,
                             metrics=MetricsConfig(port=metrics_port))
-            results.setdefault(name, []).append(_train_and_score(run, cfg))
-    rows = comparison_rows(results, modalities)
-    table = format_comparison(rows)
-    (work / "results.json").write_text(json.dumps({"rows": rows, "runs": results}, indent=2) + "\n")
-    (work / "results.md").write_text(table + "\n")
-    print(f"\nTest accuracy (%), mean over seeds {seeds}; every run used the same epochs, optimiser and schedule.")
+            test, val = _train_and_score(run, cfg)
+            results.setdefault(name, []).append(test)
+            val_results.setdefault(name, []).append(val)
+    rows, val_rows = comparison_rows(results, modalities), comparison_rows(val_results, modalities)
+    table, val_table = format_comparison(rows), format_comparison(val_rows)
+    (work / "results.json").write_text(json.dumps({"rows": rows, "val_rows": val_rows, "runs": results},
+                                                  indent=2) + "\n")
+    (work / "results.md").write_text(f"Test\n\n{table}\n\nValidation (best epoch)\n\n{val_table}\n")
+    over = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    print(f"\nTest accuracy (%), {over}; every run used the same epochs, optimiser and schedule,")
+    print("and each branch is scored with the weights of its own best validation epoch.")
     print(table)
+    print(f"\nValidation accuracy (%) at each branch's best epoch, {over}: the teacher (multimodal) must beat")
+    print("every student here for transfer to help.")
+    print(val_table)
     if metrics_port:
         print(f"\nDuring each training run, Prometheus metrics were served at http://127.0.0.1:{metrics_port}/metrics")
     print(f"Results: {work / 'results.json'}  ({time.perf_counter() - started:.0f} s)")
