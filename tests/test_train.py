@@ -1,7 +1,6 @@
 """ops/: training under DeepSpeed in every mode, evaluation JSON, metrics endpoint, two ranks."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,10 @@ from click.testing import CliRunner
 
 from ops.cli import main
 from ops.config import RunConfig, deepspeed_config, load_config
+from ops.engine import free_port
 from ops.demo import comparison_rows, format_comparison
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _clean_env() -> dict:
@@ -83,7 +77,7 @@ def test_deepspeed_config_is_derived_from_the_run_config():
 
 
 def test_metrics_endpoint_answers_during_training(tiny_shards, tmp_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
     proc = subprocess.Popen([str(VENV_BIN / "cotrain"), "train", "--shards", str(tiny_shards), "--out",
                              str(tmp_path / "run"), "--epochs", "30", "--batch-size", "4", "--metrics-port", str(port)],
@@ -112,7 +106,7 @@ def test_metrics_endpoint_answers_during_training(tiny_shards, tmp_path):
 
 def test_two_ranks_under_the_deepspeed_launcher_end_with_identical_parameters(tiny_shards, tmp_path):
     run = tmp_path / "two"
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()),
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            str(VENV_BIN / "cotrain"), "train", "--shards", str(tiny_shards), "--out", str(run), "--epochs", "2",
            "--batch-size", "4", "--metrics-port", "0"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_clean_env())
