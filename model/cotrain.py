@@ -12,6 +12,8 @@ unimodal CNN, and transfer from a weaker teacher makes students worse (shared/NO
 """
 from __future__ import annotations
 
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +21,8 @@ from torch import nn
 
 from .encoders import StagedEncoder, build_encoder, masked_mean, tokens_of
 
-__all__ = ["ModalitySpec", "FusionConfig", "CoTrainModel", "StudentBranch", "MultimodalBranch", "MODES", "build_model"]
+__all__ = ["seeded", "ModalitySpec", "FusionConfig", "CoTrainModel", "StudentBranch", "MultimodalBranch", "MODES",
+           "build_model"]
 
 MODES = ("cotrain", "unimodal", "multimodal")
 TEACHER = "multimodal"
@@ -171,7 +174,7 @@ class CoTrainModel(nn.Module):
     """Shared stages per modality, students for `students`, and the teacher unless mode is unimodal."""
 
     def __init__(self, specs: list[ModalitySpec], num_classes: int, *, mode: str = "cotrain",
-                 students: list[str] | None = None, fusion: FusionConfig | None = None):
+                 students: list[str] | None = None, fusion: FusionConfig | None = None, init_seed: int = 0):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
@@ -182,18 +185,25 @@ class CoTrainModel(nn.Module):
         self.shared = nn.ModuleDict()
         self.students = nn.ModuleDict()
         teacher_rests, widths = {}, {}
+        # Each part draws its initial weights from its own seed, so a branch starts from the same weights
+        # in every mode: co-trained and baseline runs of one seed are paired, not just equally random.
         for spec in specs:
-            encoder = build_encoder(spec.kind, **spec.encoder)
+            with seeded(init_seed, f"encoder/{spec.name}"):
+                encoder = build_encoder(spec.kind, **spec.encoder)
             shared, rest = _split(encoder, spec.shared_stages)
             width = encoder.out_channels[-1]
             self.shared[spec.name] = shared
             if spec.name in self.students_of:
-                self.students[spec.name] = StudentBranch(rest, width, num_classes)
+                with seeded(init_seed, f"student/{spec.name}"):
+                    self.students[spec.name] = StudentBranch(rest, width, num_classes)
             if mode != "unimodal":
-                _, teacher_rests[spec.name] = _split(build_encoder(spec.kind, **spec.encoder), spec.shared_stages)
+                with seeded(init_seed, f"teacher/{spec.name}"):
+                    _, teacher_rests[spec.name] = _split(build_encoder(spec.kind, **spec.encoder), spec.shared_stages)
                 widths[spec.name] = width
-        self.teacher = MultimodalBranch(teacher_rests, widths, num_classes, fusion or FusionConfig()) \
-            if mode != "unimodal" else None
+        self.teacher = None
+        if mode != "unimodal":
+            with seeded(init_seed, "teacher/fusion"):
+                self.teacher = MultimodalBranch(teacher_rests, widths, num_classes, fusion or FusionConfig())
 
     @property
     def branches(self) -> list[str]:
@@ -212,6 +222,14 @@ class CoTrainModel(nn.Module):
 
 
 def build_model(specs: list[ModalitySpec], num_classes: int, *, mode: str, fusion: FusionConfig | None = None,
-                students: list[str] | None = None) -> CoTrainModel:
+                students: list[str] | None = None, init_seed: int = 0) -> CoTrainModel:
     """The model for one training mode; unimodal mode takes the single spec given."""
-    return CoTrainModel(specs, num_classes, mode=mode, students=students, fusion=fusion)
+    return CoTrainModel(specs, num_classes, mode=mode, students=students, fusion=fusion, init_seed=init_seed)
+
+
+@contextmanager
+def seeded(seed: int, part: str):
+    """Run the block with the global torch RNG seeded from (seed, part), then restore the RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(zlib.crc32(f"{seed}/{part}".encode()))
+        yield

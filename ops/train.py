@@ -70,7 +70,7 @@ class Trainer:
                                  seed=cfg.seed, rank=self.rank, world_size=self.world,
                                  device_id=self.local_rank if self.gpu else None)
         self.specs = _specs(cfg, self.modalities)
-        model = build_model(self.specs, self.info.num_classes, mode=cfg.mode, fusion=cfg.fusion)
+        model = build_model(self.specs, self.info.num_classes, mode=cfg.mode, fusion=cfg.fusion, init_seed=cfg.seed)
         self.total_steps = cfg.epochs * self.loader.steps_per_epoch
         ds_config = deepspeed_config(cfg, total_steps=self.total_steps, bf16=self.gpu)
         self.engine, self.scheduler = build_engine(model, ds_config)

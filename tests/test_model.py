@@ -119,7 +119,11 @@ def test_transfer_config_rules():
         TransferConfig(alpha=-1)
     with pytest.raises(ValueError, match="transfer.temperature"):
         TransferConfig(temperature=0)
-    assert TransferConfig(alpha=2.0, warmup_fraction=0.5).scale_at(0.25) == pytest.approx(1.0)
+    assert TransferConfig(alpha=2.0, start_fraction=0.0, warmup_fraction=0.5).scale_at(0.25) == pytest.approx(1.0)
+    held = TransferConfig(alpha=2.0, start_fraction=0.4, warmup_fraction=0.2)
+    assert held.scale_at(0.3) == 0.0 and held.scale_at(0.5) == pytest.approx(1.0) and held.scale_at(0.9) == 2.0
+    with pytest.raises(ValueError, match="transfer.start_fraction"):
+        TransferConfig(start_fraction=1.0)
 
 
 def test_teacher_correct_gate_transfers_only_where_the_teacher_is_right():
@@ -158,3 +162,14 @@ def test_teacher_streams_are_trained_by_their_own_loss_only():
     cotrain_losses(logits, labels, present, TransferConfig())[f"{TEACHER}_task_loss"].backward()
     # late fusion adds the streams' detached predictions: the fused loss never reaches the stream heads
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.teacher.stream_heads.parameters())
+
+
+def test_a_branch_starts_from_the_same_weights_in_every_mode():
+    """Paired comparisons: the same seed gives each part the same initial weights whatever the mode."""
+    co = CoTrainModel(SPECS, 5, mode="cotrain", init_seed=3).state_dict()
+    mm = CoTrainModel(SPECS, 5, mode="multimodal", init_seed=3).state_dict()
+    uni = CoTrainModel(SPECS[1:2], 5, mode="unimodal", init_seed=3).state_dict()
+    assert all(torch.equal(v, co[k]) for k, v in mm.items())  # teacher and shared stages
+    assert all(torch.equal(v, co[k]) for k, v in uni.items())  # audio's shared stages and student
+    other = CoTrainModel(SPECS, 5, mode="multimodal", init_seed=4).state_dict()
+    assert not all(torch.equal(v, other[k]) for k, v in mm.items())
