@@ -38,6 +38,8 @@ def _split_names(value: str | None) -> list[str]:
 @click.option("--shared-stages", type=int, default=None, help="Encoder stages shared with the teacher.")
 @click.option("--transfer-gate", type=click.Choice(["none", "teacher_correct"]), default=None,
               help="Transfer on every sample (none, the paper) or only where the teacher is right.")
+@click.option("--transfer-start", type=float, default=None,
+              help="Fraction of training with no transfer, before the warm-up ramp.")
 @click.option("--transfer-warmup", type=float, default=None,
               help="Fraction of training over which the transfer weight ramps up from 0.")
 @click.option("--stream-loss/--no-stream-loss", default=None,
@@ -53,7 +55,8 @@ def _split_names(value: str | None) -> list[str]:
               help="Prometheus port of local rank 0 (rank r uses port + r); 0 turns it off.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True)
 def train_cmd(shards_dir, out, modalities, mode, epochs, seed, batch_size, lr, alpha, temperature, shared_stages,
-              transfer_gate, transfer_warmup, stream_loss, late_fusion, stream_smoothing, modality_dropout, zero_stage, metrics_port,
+              transfer_gate, transfer_start, transfer_warmup, stream_loss, late_fusion, stream_smoothing,
+              modality_dropout, zero_stage, metrics_port,
               metrics_host, grad_clip) -> None:
     """Train a run: co-trained (default), one unimodal baseline, or the multimodal baseline."""
     from .config import MetricsConfig, RunConfig
@@ -65,7 +68,8 @@ def train_cmd(shards_dir, out, modalities, mode, epochs, seed, batch_size, lr, a
         cfg.loader.batch_size = batch_size
         cfg.optim.zero_stage = zero_stage
         _override(cfg, lr=lr, alpha=alpha, temperature=temperature, shared_stages=shared_stages, gate=transfer_gate,
-                  warmup=transfer_warmup, stream_loss=stream_loss, late_fusion=late_fusion, stream_smoothing=stream_smoothing,
+                  start=transfer_start, warmup=transfer_warmup, stream_loss=stream_loss, late_fusion=late_fusion,
+                  stream_smoothing=stream_smoothing,
                   modality_dropout=modality_dropout, grad_clip=grad_clip)
         train(cfg)
     except (ValueError, FileNotFoundError) as err:
@@ -76,7 +80,8 @@ def _override(cfg, **values) -> None:
     """Set the options given on the command line; the rest keep the config's defaults."""
     fields = {"lr": (cfg.optim, "lr"), "alpha": (cfg.transfer, "alpha"), "temperature": (cfg.transfer, "temperature"),
               "shared_stages": (cfg, "shared_stages"), "gate": (cfg.transfer, "gate"),
-              "warmup": (cfg.transfer, "warmup_fraction"), "modality_dropout": (cfg.fusion, "modality_dropout"),
+              "warmup": (cfg.transfer, "warmup_fraction"), "start": (cfg.transfer, "start_fraction"),
+              "modality_dropout": (cfg.fusion, "modality_dropout"),
               "stream_loss": (cfg.fusion, "stream_loss"), "late_fusion": (cfg.fusion, "late_fusion"),
               "stream_smoothing": (cfg.fusion, "stream_label_smoothing"), "grad_clip": (cfg.optim, "grad_clip")}
     for name, value in values.items():
