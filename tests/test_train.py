@@ -127,3 +127,17 @@ def test_comparison_table_reports_differences():
     table = format_comparison(rows)
     assert "| a | 60.0 ± 10.0 | 70.0 ± 0.0 | +10.0 |" in table
     assert "| multimodal | 80.0 ± 0.0 | 90.0 ± 0.0 | +10.0 |" in table
+
+
+def test_demo_runs_every_stage_and_prints_the_table(tmp_path):
+    result = CliRunner().invoke(main, ["demo", "--workdir", str(tmp_path), "--n", "40", "--epochs", "1",
+                                       "--seeds", "0", "--metrics-port", "0"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "| branch | trained alone | co-trained | difference |" in result.output
+    for branch in ("rgb", "audio", "text", "multimodal"):
+        assert f"| {branch} |" in result.output
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["branch"] for r in saved["rows"]] == ["rgb", "audio", "text", "multimodal"]
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["cotrain-seed0", "multimodal-seed0", "unimodal-audio-seed0", "unimodal-rgb-seed0",
+                    "unimodal-text-seed0"]
