@@ -68,6 +68,9 @@ class FusionConfig:
     (beyond the paper). Streams trained by their own losses are unimodal experts; their product is a strong
     fusion baseline that the Transformer only has to correct, so the teacher does not end up weaker than
     a student when the Transformer overfits the modality it fits first. Needs stream_loss."""
+    detach_streams: bool = True
+    """Feed the Transformer a stop-gradient copy of each stream's tokens, so the streams are trained by
+    their own losses alone and the fusion cannot pull a slow modality's stream off course."""
     modality_dropout: float = 0.0
     """In training, the probability of hiding each modality from the teacher per sample (one always stays).
     It keeps the teacher from leaning on the modality it fits first, so it stays stronger than every student."""
@@ -118,6 +121,7 @@ class MultimodalBranch(nn.Module):
         if cfg.late_fusion and not cfg.stream_loss:
             raise ValueError("fusion.late_fusion needs fusion.stream_loss: the streams' own losses train the experts")
         self.late_fusion = cfg.late_fusion
+        self.detach_streams = cfg.detach_streams
 
     def _drop_modalities(self, present: dict) -> dict:
         """Hide each present modality with probability p, keeping at least one per sample."""
@@ -139,7 +143,8 @@ class MultimodalBranch(nn.Module):
         if length > self.pos_embed.shape[0]:
             raise ValueError(f"modality {m!r} yields {length} tokens; raise fusion.max_tokens to at least {length}")
         stream = self.stream_heads[m](masked_mean(tokens, valid)) if self.stream_heads is not None else None
-        return self.proj[m](tokens) + self.modality_embed[i] + self.pos_embed[:length], stream
+        fused_in = tokens.detach() if self.detach_streams else tokens
+        return self.proj[m](fused_in) + self.modality_embed[i] + self.pos_embed[:length], stream
 
     def forward(self, shared: dict, valid: dict, present: dict) -> dict[str, torch.Tensor]:
         """{"multimodal": fused logits, "multimodal/<m>": stream logits per modality (when enabled)}."""

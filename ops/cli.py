@@ -46,6 +46,8 @@ def _split_names(value: str | None) -> list[str]:
               help="A task loss on each of the teacher's per-modality streams.")
 @click.option("--late-fusion/--no-late-fusion", default=None,
               help="Add the product of the teacher's stream predictions to its Transformer output.")
+@click.option("--detach-streams/--no-detach-streams", default=None,
+              help="Train the teacher's streams by their own losses only (stop-gradient into the fusion).")
 @click.option("--stream-smoothing", type=float, default=None, help="Label smoothing of the teacher's stream losses.")
 @click.option("--modality-dropout", type=float, default=None,
               help="Probability of hiding each modality from the teacher per training sample.")
@@ -55,7 +57,8 @@ def _split_names(value: str | None) -> list[str]:
               help="Prometheus port of local rank 0 (rank r uses port + r); 0 turns it off.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True)
 def train_cmd(shards_dir, out, modalities, mode, epochs, seed, batch_size, lr, alpha, temperature, shared_stages,
-              transfer_gate, transfer_start, transfer_warmup, stream_loss, late_fusion, stream_smoothing,
+              transfer_gate, transfer_start, transfer_warmup, stream_loss, late_fusion, detach_streams,
+              stream_smoothing,
               modality_dropout, zero_stage, metrics_port,
               metrics_host, grad_clip) -> None:
     """Train a run: co-trained (default), one unimodal baseline, or the multimodal baseline."""
@@ -69,7 +72,7 @@ def train_cmd(shards_dir, out, modalities, mode, epochs, seed, batch_size, lr, a
         cfg.optim.zero_stage = zero_stage
         _override(cfg, lr=lr, alpha=alpha, temperature=temperature, shared_stages=shared_stages, gate=transfer_gate,
                   start=transfer_start, warmup=transfer_warmup, stream_loss=stream_loss, late_fusion=late_fusion,
-                  stream_smoothing=stream_smoothing,
+                  stream_smoothing=stream_smoothing, detach_streams=detach_streams,
                   modality_dropout=modality_dropout, grad_clip=grad_clip)
         train(cfg)
     except (ValueError, FileNotFoundError) as err:
@@ -83,6 +86,7 @@ def _override(cfg, **values) -> None:
               "warmup": (cfg.transfer, "warmup_fraction"), "start": (cfg.transfer, "start_fraction"),
               "modality_dropout": (cfg.fusion, "modality_dropout"),
               "stream_loss": (cfg.fusion, "stream_loss"), "late_fusion": (cfg.fusion, "late_fusion"),
+              "detach_streams": (cfg.fusion, "detach_streams"),
               "stream_smoothing": (cfg.fusion, "stream_label_smoothing"), "grad_clip": (cfg.optim, "grad_clip")}
     for name, value in values.items():
         if value is not None:

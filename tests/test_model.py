@@ -98,10 +98,11 @@ def test_transfer_gives_no_gradient_to_teacher_but_shared_gets_both_paths():
     assert all(g is None or torch.count_nonzero(g) == 0 for g in teacher_grads)
     assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in model.shared.parameters())
 
-    # the teacher's task loss alone also reaches the shared stages: both paths feed them
+    # the teacher's own objective (fused and stream losses) also reaches the shared stages: both paths feed them
     model.zero_grad()
     logits = model(inputs, present)
-    cotrain_losses(logits, labels, present, TransferConfig(alpha=0.0))[f"{TEACHER}_task_loss"].backward()
+    terms = cotrain_losses(logits, labels, present, TransferConfig(alpha=0.0))
+    sum(v for k, v in terms.items() if k.startswith(TEACHER)).backward()
     assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in model.shared.parameters())
 
 
@@ -173,3 +174,19 @@ def test_a_branch_starts_from_the_same_weights_in_every_mode():
     assert all(torch.equal(v, co[k]) for k, v in uni.items())  # audio's shared stages and student
     other = CoTrainModel(SPECS, 5, mode="multimodal", init_seed=4).state_dict()
     assert not all(torch.equal(v, other[k]) for k, v in mm.items())
+
+
+def test_detached_streams_are_trained_by_their_own_losses_only():
+    from model.cotrain import FusionConfig
+
+    torch.manual_seed(0)
+    model = CoTrainModel(SPECS, 5, mode="multimodal", fusion=FusionConfig(detach_streams=True))
+    inputs, present, labels = _batch()
+    terms = cotrain_losses(model(inputs, present), labels, present, TransferConfig())
+    terms[f"{TEACHER}_task_loss"].backward()
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.teacher.rests.parameters())
+    assert any(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in model.teacher.blocks.parameters())
+    model.zero_grad()
+    terms = cotrain_losses(model(inputs, present), labels, present, TransferConfig())
+    terms[f"{TEACHER}_rgb_stream_loss"].backward()
+    assert any(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in model.teacher.rests["rgb"].parameters())
