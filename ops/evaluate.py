@@ -69,14 +69,17 @@ def evaluate_run(run: str | Path, *, split: str = "test", shards: str | None = N
     info = load_dataset_info(shards or payload["config"]["shards"])
     loader = DaliLoader(info, split, LoaderConfig(**payload["config"]["loader"]),
                         modalities=[s["name"] for s in payload["specs"]], training=False)
-    scores = {}
+    # branches that share weights (all of them with which='last') are scored in one pass
+    sources: dict[Path | None, list[str]] = {}
     for branch in model.branches:
         best = _best_weights(run, branch)
-        if which == "best" and best.is_file():
-            model.load_state_dict(torch.load(best, map_location="cpu", weights_only=True))
-        else:
-            model.load_state_dict(payload["state_dict"])
-        scores.update(score_branches(model, loader, branches=[branch]))
+        sources.setdefault(best if which == "best" and best.is_file() else None, []).append(branch)
+    scores = {}
+    for source, branches in sources.items():
+        state = payload["state_dict"] if source is None else torch.load(source, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        scores.update(score_branches(model, loader, branches=branches))
+    scores = {b: scores[b] for b in model.branches}
     result = {"split": split, "mode": payload["mode"], "which": which, "branches": scores}
     (run / f"eval-{split}.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

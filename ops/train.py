@@ -46,11 +46,11 @@ def _fp32_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def _params_digest(module: torch.nn.Module) -> str:
+def _params_digest(state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
-    for name, p in sorted(module.state_dict().items()):
+    for name, p in sorted(state.items()):
         digest.update(name.encode())
-        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        digest.update(p.contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -125,10 +125,10 @@ class Trainer:
     def _save(self) -> None:
         """Full weights in RUN/model.pt (rank 0) and a digest of every rank's parameters."""
         with _zero3_gather(self.engine, self.cfg):
-            module = self.engine.module
-            digest = _params_digest(module)
+            state = _fp32_state(self.engine.module)
+            digest = _params_digest(state)
             if self.rank == 0:
-                payload = {"state_dict": _fp32_state(module),
+                payload = {"state_dict": state,
                            "specs": [vars(s) for s in self.specs], "num_classes": self.info.num_classes,
                            "mode": self.cfg.mode, "fusion": vars(self.cfg.fusion), "config": self.cfg.to_dict(),
                            "modalities": self.modalities}
@@ -150,11 +150,12 @@ class Trainer:
         if self.val_loader is None or ((epoch + 1) % self.cfg.eval_every and not last):
             return
         scores = score_branches(self.engine.module, self.val_loader, prepare=self._cast)
-        for branch, score in scores.items():
-            if score["accuracy"] > self.best.get(branch, {"accuracy": -1.0})["accuracy"]:
-                self.best[branch] = dict(score, epoch=epoch + 1)
-                (self.out / BEST_DIR).mkdir(exist_ok=True)
-                torch.save(_fp32_state(self.engine.module), self.out / BEST_DIR / f"{branch}.pt")
+        improved = [b for b, s in scores.items() if s["accuracy"] > self.best.get(b, {"accuracy": -1.0})["accuracy"]]
+        state = _fp32_state(self.engine.module) if improved else None  # one copy, however many branches improved
+        for branch in improved:
+            self.best[branch] = dict(scores[branch], epoch=epoch + 1)
+            (self.out / BEST_DIR).mkdir(exist_ok=True)
+            torch.save(state, self.out / BEST_DIR / f"{branch}.pt")
         self.history.append({"epoch": epoch + 1, "train": train_means,
                              "val": {b: s["accuracy"] for b, s in scores.items()}})
         _log(0, "  val " + "  ".join(f"{b} {s['accuracy']:.3f}" for b, s in scores.items()))
@@ -188,9 +189,3 @@ def train(cfg: RunConfig) -> Path:
     """Train one run and return its directory."""
     Trainer(cfg).fit()
     return Path(cfg.out)
-
-
-if __name__ == "__main__":  # pragma: no cover - `python -m ops.train` is `cotrain train`
-    from .cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))
