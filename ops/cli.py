@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -23,77 +24,167 @@ def _split_names(value: str | None) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else []
 
 
+# Every run option: (click declaration kwargs, dotted config key). Defaults live in RunConfig only, so an
+# option left out never overrides the preset or the config file.
+RUN_OPTIONS = {
+    "shards": (dict(type=click.Path(file_okay=False), help="Directory written by `cotrain shards build`."), "shards"),
+    "out": (dict(type=click.Path(file_okay=False), help="Run directory to write."), "out"),
+    "modalities": (dict(help="Comma-separated modalities (default: all in the dataset)."), "modalities"),
+    "mode": (dict(type=click.Choice(["cotrain", "unimodal", "multimodal"]), help="[default: cotrain]"), "mode"),
+    "epochs": (dict(type=int, help="[default: 10]"), "epochs"),
+    "seed": (dict(type=int, help="[default: 0]"), "seed"),
+    "batch-size": (dict(type=int, help="Samples per batch on each rank. [default: 16]"), "loader.batch_size"),
+    "lr": (dict(type=float, help="Peak learning rate (AdamW, warm-up then cosine)."), "optim.lr"),
+    "alpha": (dict(type=float, help="Weight of the decision-level transfer term."), "transfer.alpha"),
+    "temperature": (dict(type=float, help="Softmax temperature of the transfer term."), "transfer.temperature"),
+    "shared-stages": (dict(type=int, help="Encoder stages shared with the teacher."), "shared_stages"),
+    "transfer-gate": (dict(type=click.Choice(["none", "teacher_correct"]),
+                           help="Transfer on every sample (none, the paper) or only where the teacher is right."),
+                      "transfer.gate"),
+    "transfer-start": (dict(type=float, help="Fraction of training with no transfer, before the warm-up ramp."),
+                       "transfer.start_fraction"),
+    "transfer-warmup": (dict(type=float, help="Fraction of training over which the transfer weight ramps up."),
+                        "transfer.warmup_fraction"),
+    "stream-loss/--no-stream-loss": (dict(default=None, help="A task loss on each of the teacher's streams."),
+                                     "fusion.stream_loss"),
+    "late-fusion/--no-late-fusion": (dict(default=None, help="Add the product of the teacher's stream "
+                                                             "predictions to its Transformer output."),
+                                     "fusion.late_fusion"),
+    "detach-streams/--no-detach-streams": (dict(default=None, help="Train the teacher's streams by their own "
+                                                                   "losses only."), "fusion.detach_streams"),
+    "stream-smoothing": (dict(type=float, help="Label smoothing of the teacher's stream losses."),
+                         "fusion.stream_label_smoothing"),
+    "modality-dropout": (dict(type=float, help="Probability of hiding each modality from the teacher per sample."),
+                         "fusion.modality_dropout"),
+    "grad-clip": (dict(type=float, help="Global gradient-norm clip (0 turns it off)."), "optim.grad_clip"),
+    "grad-accum": (dict(type=int, help="Micro-batches per optimizer step. [default: 1]"), "optim.grad_accum"),
+    "zero-stage": (dict(type=click.IntRange(0, 3), help="DeepSpeed ZeRO stage. [default: 0]"), "optim.zero_stage"),
+    "offload-optimizer/--no-offload-optimizer": (dict(default=None, help="Optimizer state in host memory "
+                                                                         "(ZeRO >= 1)."),
+                                                 "optim.offload_optimizer"),
+    "save-every": (dict(type=int, help="Checkpoint every N optimizer steps (0: only on SIGTERM). [default: 0]"),
+                   "checkpoint.save_every"),
+    "keep-checkpoints": (dict(type=int, help="Checkpoints kept (>= 2). [default: 2]"), "checkpoint.keep"),
+    "max-bad-steps": (dict(type=int, help="NaN/inf losses in a row before the run stops. [default: 5]"),
+                      "checkpoint.max_bad_steps"),
+    "metrics-port": (dict(type=int, help="Prometheus port of local rank 0 (rank r uses port + r); 0 turns it "
+                                         "off. [default: 9400]"), "metrics.port"),
+    "metrics-host": (dict(help="Address the exporter binds. [default: 127.0.0.1]"), "metrics.host"),
+}
+
+
+def _param_name(flag: str) -> str:
+    return flag.split("/")[0].replace("-", "_")
+
+
+def run_options(command):
+    """--preset, --config, --set and every RUN_OPTIONS flag, in that order of precedence (last wins)."""
+    for flag, (kwargs, _) in reversed(RUN_OPTIONS.items()):
+        command = click.option(f"--{flag}", _param_name(flag), **kwargs)(command)
+    command = click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+                           help="Any config value, e.g. --set optim.lr=1e-3 (after every other option).")(command)
+    command = click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                           help="A JSON or YAML file with any subset of RUN/config.json's keys.")(command)
+    return click.option("--preset", default=None, help="A named preset (see `cotrain config presets`).")(command)
+
+
+def _cli_layer(values: dict) -> dict:
+    layer: dict = {}
+    for flag, (_, key) in RUN_OPTIONS.items():
+        value = values.get(_param_name(flag))
+        if value is None:
+            continue
+        if key == "modalities":
+            value = _split_names(value)
+        *sections, leaf = key.split(".")
+        node = layer
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = value
+    return layer
+
+
+def resolve_run_config(preset, config_file, assignments, values: dict):
+    """The run config from the command line's layers; a bad value is a ClickException naming it."""
+    from .config import resolve_config
+    from .presets import preset_layer
+
+    try:
+        return resolve_config(preset=preset_layer(preset) if preset else None, file=config_file,
+                              cli=_cli_layer(values), assignments=list(assignments))
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        raise click.ClickException(str(err)) from err
+
+
 @main.command("train")
-@click.option("--shards", "shards_dir", required=True, type=click.Path(file_okay=False),
-              help="Directory written by `cotrain shards build`.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
-@click.option("--modalities", default=None, help="Comma-separated modalities (default: all in the dataset).")
-@click.option("--mode", type=click.Choice(["cotrain", "unimodal", "multimodal"]), default="cotrain", show_default=True)
-@click.option("--epochs", type=int, default=10, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True, help="Samples per batch on each rank.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW, warm-up then cosine).")
-@click.option("--alpha", type=float, default=None, help="Weight of the decision-level transfer term.")
-@click.option("--temperature", type=float, default=None, help="Softmax temperature of the transfer term.")
-@click.option("--shared-stages", type=int, default=None, help="Encoder stages shared with the teacher.")
-@click.option("--transfer-gate", type=click.Choice(["none", "teacher_correct"]), default=None,
-              help="Transfer on every sample (none, the paper) or only where the teacher is right.")
-@click.option("--transfer-start", type=float, default=None,
-              help="Fraction of training with no transfer, before the warm-up ramp.")
-@click.option("--transfer-warmup", type=float, default=None,
-              help="Fraction of training over which the transfer weight ramps up from 0.")
-@click.option("--stream-loss/--no-stream-loss", default=None,
-              help="A task loss on each of the teacher's per-modality streams.")
-@click.option("--late-fusion/--no-late-fusion", default=None,
-              help="Add the product of the teacher's stream predictions to its Transformer output.")
-@click.option("--detach-streams/--no-detach-streams", default=None,
-              help="Train the teacher's streams by their own losses only (stop-gradient into the fusion).")
-@click.option("--stream-smoothing", type=float, default=None, help="Label smoothing of the teacher's stream losses.")
-@click.option("--modality-dropout", type=float, default=None,
-              help="Probability of hiding each modality from the teacher per training sample.")
-@click.option("--grad-clip", type=float, default=None, help="Global gradient-norm clip (0 turns it off).")
-@click.option("--zero-stage", type=click.IntRange(0, 3), default=0, show_default=True)
-@click.option("--metrics-port", type=int, default=9400, show_default=True,
-              help="Prometheus port of local rank 0 (rank r uses port + r); 0 turns it off.")
-@click.option("--metrics-host", default="127.0.0.1", show_default=True)
-def train_cmd(shards_dir, out, modalities, mode, epochs, seed, batch_size, lr, alpha, temperature, shared_stages,
-              transfer_gate, transfer_start, transfer_warmup, stream_loss, late_fusion, detach_streams,
-              stream_smoothing,
-              modality_dropout, zero_stage, metrics_port,
-              metrics_host, grad_clip) -> None:
+@run_options
+@click.option("--resume", "resume_run", type=click.Path(file_okay=False), default=None,
+              help="Continue RUN from its latest checkpoint, with RUN/config.json (other options then only "
+                   "change metrics and checkpointing).")
+@click.option("--allow-reshard", is_flag=True,
+              help="Resume on a different world size (or changed data settings): the data position restarts "
+                   "at the checkpoint's epoch.")
+def train_cmd(preset, config_file, assignments, resume_run, allow_reshard, **values) -> None:
     """Train a run: co-trained (default), one unimodal baseline, or the multimodal baseline."""
-    from .config import MetricsConfig, RunConfig
     from .train import train
 
     try:
-        cfg = RunConfig(shards=shards_dir, out=out, mode=mode, modalities=_split_names(modalities), epochs=epochs,
-                        seed=seed, metrics=MetricsConfig(port=metrics_port, host=metrics_host))
-        cfg.loader.batch_size = batch_size
-        cfg.optim.zero_stage = zero_stage
-        _override(cfg, lr=lr, alpha=alpha, temperature=temperature, shared_stages=shared_stages, gate=transfer_gate,
-                  start=transfer_start, warmup=transfer_warmup, stream_loss=stream_loss, late_fusion=late_fusion,
-                  stream_smoothing=stream_smoothing, detach_streams=detach_streams,
-                  modality_dropout=modality_dropout, grad_clip=grad_clip)
-        train(cfg)
+        if resume_run:
+            cfg = _resume_config(resume_run, values, assignments)
+        else:
+            cfg = resolve_run_config(preset, config_file, assignments, values)
+        train(cfg, resume=bool(resume_run), allow_reshard=allow_reshard)
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
 
 
-def _override(cfg, **values) -> None:
-    """Set the options given on the command line; the rest keep the config's defaults."""
-    fields = {"lr": (cfg.optim, "lr"), "alpha": (cfg.transfer, "alpha"), "temperature": (cfg.transfer, "temperature"),
-              "shared_stages": (cfg, "shared_stages"), "gate": (cfg.transfer, "gate"),
-              "warmup": (cfg.transfer, "warmup_fraction"), "start": (cfg.transfer, "start_fraction"),
-              "modality_dropout": (cfg.fusion, "modality_dropout"),
-              "stream_loss": (cfg.fusion, "stream_loss"), "late_fusion": (cfg.fusion, "late_fusion"),
-              "detach_streams": (cfg.fusion, "detach_streams"),
-              "stream_smoothing": (cfg.fusion, "stream_label_smoothing"), "grad_clip": (cfg.optim, "grad_clip")}
-    for name, value in values.items():
-        if value is not None:
-            target, attr = fields[name]
-            setattr(target, attr, value)
-    cfg.optim.__post_init__()
-    cfg.transfer.__post_init__()
+def _resume_config(run: str, values: dict, assignments):
+    """RUN/config.json, with only checkpoint and metrics settings open to change."""
+    from .config import resolve_config
+
+    saved = Path(run) / "config.json"
+    if not saved.is_file():
+        raise click.ClickException(f"{saved} not found: --resume takes a run directory written by `cotrain train`")
+    layer = _cli_layer(values)
+    fixed = sorted(k for k in layer if k not in ("checkpoint", "metrics", "out"))
+    if fixed:
+        raise click.ClickException(f"--resume continues {run} with its own config; drop {', '.join(fixed)} "
+                                   "(or start a new run with --out)")
+    return resolve_config(file=saved, cli=dict(layer, out=run), assignments=list(assignments))
+
+
+@main.group("config")
+def config_group() -> None:
+    """Inspect run configs."""
+
+
+@config_group.command("show")
+@run_options
+@click.option("--json", "as_json", is_flag=True, help="One JSON object {run, deepspeed} instead of two blocks.")
+def config_show_cmd(preset, config_file, assignments, as_json, **values) -> None:
+    """Print the resolved run config and the DeepSpeed JSON derived from it (placeholders for --shards/--out)."""
+    from .config import deepspeed_config
+
+    values = {k: v for k, v in values.items()}
+    values["shards"] = values.get("shards") or "SHARDS"
+    values["out"] = values.get("out") or "RUN"
+    cfg = resolve_run_config(preset, config_file, assignments, values)
+    ds = deepspeed_config(cfg, total_steps=1000, bf16=False)
+    if as_json:
+        click.echo(json.dumps({"run": cfg.to_dict(), "deepspeed": ds}, indent=2))
+        return
+    click.echo("# run config (RUN/config.json)\n" + json.dumps(cfg.to_dict(), indent=2))
+    click.echo("# DeepSpeed config (derived; total_num_steps shown for 1000 steps, bf16 is on with a GPU)\n"
+               + json.dumps(ds, indent=2))
+
+
+@config_group.command("presets")
+def config_presets_cmd() -> None:
+    """List the named presets and what each sets."""
+    from .presets import PRESETS
+
+    for name, layer in PRESETS.items():
+        click.echo(f"{name}: {json.dumps(layer)}")
 
 
 @main.command("eval")

@@ -11,7 +11,8 @@ from model.cotrain import MODES, FusionConfig
 from model.losses import TransferConfig
 from pipeline.dali_loader import LoaderConfig
 
-__all__ = ["OptimConfig", "MetricsConfig", "RunConfig", "deepspeed_config", "save_config", "load_config"]
+__all__ = ["OptimConfig", "MetricsConfig", "CheckpointConfig", "RunConfig", "deepspeed_config", "save_config",
+           "load_config", "resolve_config", "parse_assignment", "read_config_file"]
 
 
 @dataclass
@@ -32,12 +33,21 @@ class OptimConfig:
     """Global gradient-norm clip (0 disables)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage (0-3)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. A partial group at the end of an epoch is stepped too, its loss
+    rescaled so it is the mean over the micro-batches it has (DeepSpeed would carry it into the next epoch)."""
+    offload_optimizer: bool = False
+    """Keep the optimizer state in host memory (ZeRO-Offload; needs zero_stage >= 1)."""
 
     def __post_init__(self):
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"optim.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.grad_accum < 1:
+            raise ValueError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("optim.offload_optimizer needs ZeRO stage 1, 2 or 3: add --zero-stage 2")
 
 
 @dataclass
@@ -48,6 +58,28 @@ class MetricsConfig:
     """Base port; rank r serves on port + local rank. 0 disables the exporter."""
     host: str = "127.0.0.1"
     """Address to bind; loopback unless you mean to expose it."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Periodic checkpoints for resuming after a crash, a kill or a pre-emption."""
+
+    save_every: int = 0
+    """Save every N optimizer steps (0 = only on SIGTERM). Each checkpoint holds the DeepSpeed state
+    (weights, optimizer, scheduler) and, per rank, the loader position and the RNG states."""
+    keep: int = 2
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
+    max_bad_steps: int = 5
+    """A step whose loss is NaN or infinite is skipped; this many in a row stop the run."""
+
+    def __post_init__(self):
+        if self.save_every < 0:
+            raise ValueError(f"checkpoint.save_every must be >= 0, got {self.save_every}")
+        if self.keep < 2:
+            raise ValueError(f"checkpoint.keep must be >= 2 (the newest may be incomplete when a run dies), "
+                             f"got {self.keep}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"checkpoint.max_bad_steps must be >= 1, got {self.max_bad_steps}")
 
 
 @dataclass
@@ -75,6 +107,7 @@ class RunConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -92,13 +125,20 @@ class RunConfig:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def config_hash(cfg: RunConfig) -> str:
+    """A hash of what decides the training math: a resume under another hash would not be the same run.
+    Where the run lives, how it checkpoints and where it exports metrics are left out."""
+    data = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "metrics", "checkpoint", "shards")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def deepspeed_config(cfg: RunConfig, *, total_steps: int, bf16: bool) -> dict:
     """The DeepSpeed JSON for this run. Only the micro-batch and accumulation are given, so the
     same config serves any world size (DeepSpeed derives train_batch_size)."""
     o = cfg.optim
     return {
         "train_micro_batch_size_per_gpu": cfg.loader.batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": o.grad_accum,
         # torch's AdamW (torch_adam): DeepSpeed's fused Adam would be compiled at start-up on CPU.
         "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "weight_decay": o.weight_decay, "betas": [0.9, 0.999],
                                                   "torch_adam": True}},
@@ -106,22 +146,36 @@ def deepspeed_config(cfg: RunConfig, *, total_steps: int, bf16: bool) -> dict:
             "total_num_steps": max(total_steps, 1), "warmup_num_steps": max(1, int(o.warmup_fraction * total_steps)),
             "warmup_min_ratio": 0.0, "cos_min_ratio": o.min_lr_ratio, "warmup_type": "linear"}},
         "gradient_clipping": o.grad_clip,
-        "zero_optimization": {"stage": o.zero_stage},
+        "zero_optimization": _zero_section(o),
+        # offloaded or not, the optimizer stays torch's AdamW, so nothing is compiled at start-up
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": bf16},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
     }
 
 
-def _build(cls, data: dict):
+def _zero_section(o: OptimConfig) -> dict:
+    section = {"stage": o.zero_stage}
+    if o.offload_optimizer:
+        section["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    return section
+
+
+SECTIONS = {"loader": LoaderConfig, "optim": OptimConfig, "transfer": TransferConfig, "fusion": FusionConfig,
+            "metrics": MetricsConfig, "checkpoint": CheckpointConfig}
+
+
+def _build(cls, data: dict, where: str = ""):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+                         f"valid keys{' of ' + where.rstrip('.') if where else ''}: {', '.join(sorted(names))}")
     kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        value = data[f.name]
-        sub = {"loader": LoaderConfig, "optim": OptimConfig, "transfer": TransferConfig,
-               "fusion": FusionConfig, "metrics": MetricsConfig}.get(f.name) if cls is RunConfig else None
-        kwargs[f.name] = _build(sub, value) if sub else value
+    for name, value in data.items():
+        sub = SECTIONS.get(name) if cls is RunConfig else None
+        kwargs[name] = _build(sub, value, f"{name}.") if sub else value
     return cls(**kwargs)
 
 
@@ -131,3 +185,90 @@ def save_config(cfg: RunConfig, path: Path) -> None:
 
 def load_config(path: Path) -> RunConfig:
     return _build(RunConfig, json.loads(Path(path).read_text()))
+
+
+def _defaults() -> dict:
+    """RunConfig's defaults as a plain dict (shards and out have none)."""
+    return {f.name: (dataclasses.asdict(f.default_factory()) if f.name in SECTIONS else f.default)
+            for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING or f.name in SECTIONS}
+
+
+def _merge(base: dict, layer: dict) -> dict:
+    merged = dict(base)
+    for key, value in layer.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) \
+            else value
+    return merged
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A run config layer from JSON or YAML: any subset of RUN/config.json's keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found; write one with `cotrain config show --json > FILE`")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as err:  # noqa: BLE001 -- json and yaml raise different types; both mean the same
+        raise ValueError(f"config file {path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: "
+                         f"{err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def _coerce(text: str, current):
+    """A command-line string as the type of the value it replaces."""
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, int):
+        value = float(text)
+        if not value.is_integer():
+            raise ValueError(f"expected an integer, got {text!r}")
+        return int(value)
+    if isinstance(current, (list, tuple)):
+        return [v.strip() for v in text.split(",") if v.strip()]
+    return text
+
+
+def parse_assignment(assignment: str, base: dict) -> dict:
+    """`optim.lr=1e-3` as a layer {"optim": {"lr": 0.001}}, typed like the value it replaces in `base`."""
+    if "=" not in assignment:
+        raise ValueError(f"--set {assignment!r}: write KEY=VALUE, for example --set optim.lr=1e-3")
+    key, text = assignment.split("=", 1)
+    parts, node = key.strip().split("."), base
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            valid = ", ".join(sorted(node)) if isinstance(node, dict) else "(none: not a section)"
+            raise ValueError(f"--set {assignment!r}: unknown key {'.'.join(parts[:i + 1])!r}; valid here: {valid}")
+        node = node[part] if i < len(parts) - 1 else node
+    try:
+        value = _coerce(text, node[parts[-1]]) if node[parts[-1]] is not None else text
+    except ValueError as err:
+        raise ValueError(f"--set {assignment!r}: {err}") from err
+    layer = value
+    for part in reversed(parts):
+        layer = {part: layer}
+    return layer
+
+
+def resolve_config(*, preset: dict | None = None, file: str | Path | None = None, cli: dict | None = None,
+                   assignments: list[str] = ()) -> RunConfig:
+    """Defaults, then the preset, then the config file, then the command line (options, then --set)."""
+    data = _defaults()
+    for layer in (preset or {}, read_config_file(file) if file else {}, cli or {}):
+        data = _merge(data, layer)
+    for assignment in assignments:
+        data = _merge(data, parse_assignment(assignment, data))
+    for required in ("shards", "out"):
+        if not data.get(required):
+            raise ValueError(f"no {required!r} given: pass --{required} or set it in the config file")
+    return _build(RunConfig, data)

@@ -37,7 +37,20 @@ class TrainingMetrics:
         self.learning_rate = Gauge("cotrain_learning_rate", "Current learning rate.", ["rank"], registry=r)
         self.last_step = Gauge("cotrain_last_step_timestamp_seconds", "Unix time of the last finished step.",
                                ["rank"], registry=r)
+        self.skipped = Counter("cotrain_skipped_steps", "Training steps skipped, by reason.", ["rank", "reason"],
+                               registry=r)
+        self.checkpoint_seconds = Histogram("cotrain_checkpoint_duration_seconds", "Wall time of one checkpoint.",
+                                            ["rank"], buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r)
+        self.checkpoint_last = Gauge("cotrain_checkpoint_last_success_timestamp_seconds",
+                                     "Unix time of the last complete checkpoint.", ["rank"], registry=r)
         self._server = None
+
+    def record_skip(self, reason: str) -> None:
+        self.skipped.labels(self.rank, reason).inc()
+
+    def record_checkpoint(self, seconds: float) -> None:
+        self.checkpoint_seconds.labels(self.rank).observe(seconds)
+        self.checkpoint_last.labels(self.rank).set(time.time())
 
     def serve(self, *, host: str, port: int) -> str | None:
         """Start the endpoint; a busy port or bad address warns and training goes on without it."""

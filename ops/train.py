@@ -1,11 +1,16 @@
 """The training loop: DALI batches -> co-trained model under DeepSpeed -> metrics -> checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 import json
-import sys
+import math
+import os
+import signal
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,7 +20,8 @@ from model.losses import cotrain_losses, total_loss
 from pipeline.dali_loader import DaliLoader, model_inputs
 from pipeline.dataset import load_dataset_info
 
-from .config import RunConfig, deepspeed_config, save_config
+from .checkpoint import CHECKPOINT_DIR, latest_tag, load_checkpoint, save_checkpoint
+from .config import RunConfig, config_hash, deepspeed_config, save_config
 from .engine import build_engine, init_distributed, rank_info
 from .evaluate import BEST_DIR, MODEL_FILE, print_warning, score_branches
 from .metrics import TrainingMetrics
@@ -55,9 +61,9 @@ def _params_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 class Trainer:
-    """Owns the loop of one run; `fit()` trains, saves and validates."""
+    """Owns the loop of one run; `fit()` trains, checkpoints, validates and saves."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, allow_reshard: bool = False):
         self.cfg, self.out = cfg, Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
         init_distributed()
@@ -71,56 +77,160 @@ class Trainer:
                                  device_id=self.local_rank if self.gpu else None)
         self.specs = _specs(cfg, self.modalities)
         model = build_model(self.specs, self.info.num_classes, mode=cfg.mode, fusion=cfg.fusion, init_seed=cfg.seed)
-        self.total_steps = cfg.epochs * self.loader.steps_per_epoch
-        ds_config = deepspeed_config(cfg, total_steps=self.total_steps, bf16=self.gpu)
+        steps = self.loader.steps_per_epoch
+        self.total_steps = cfg.epochs * steps  # micro-steps: the transfer schedule's clock
+        optimizer_steps = cfg.epochs * math.ceil(steps / cfg.optim.grad_accum)
+        ds_config = deepspeed_config(cfg, total_steps=optimizer_steps, bf16=self.gpu)
         self.engine, self.scheduler = build_engine(model, ds_config)
         self.metrics = TrainingMetrics(rank=self.rank)
-        self.step = 0
-        self.val_loader = self._make_val_loader()
-        self.best: dict[str, dict] = {}
-        self.history: list[dict] = []
+        self.state = LoopState()
+        self.val_loader, self.eval_model = self._make_validation()
+        self._signalled = False  # set by the handler, on this rank only
+        self._stop = False       # agreed by every rank in _agree, so all of them checkpoint together
+        if resume:
+            self._restore(allow_reshard)
 
+    # --- checkpoints -------------------------------------------------------------------------------------
+    def _restore(self, allow_reshard: bool) -> None:
+        loaded = load_checkpoint(self.engine, self.out, rank=self.rank, world_size=self.world,
+                                 config_hash=config_hash(self.cfg), allow_reshard=allow_reshard)
+        if loaded is None:
+            _log(self.rank, f"no checkpoint in {self.out / CHECKPOINT_DIR}: starting from scratch")
+            return
+        saved, exact = loaded
+        self.state = LoopState(**saved["trainer"])
+        if exact and saved.get("loader") is not None and hasattr(self.loader, "load_state_dict"):
+            self.loader.load_state_dict(saved["loader"])
+        elif exact:
+            _log(self.rank, "warning: this loader cannot restore its position; the epoch goes on from a fresh order")
+        _log(self.rank, f"resumed {self.out} at step {self.state.step} (epoch {self.state.epoch + 1}, "
+                        f"batch {self.state.batch_in_epoch}/{self.loader.steps_per_epoch})")
+
+    def _checkpoint(self) -> None:
+        started = time.perf_counter()
+        loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
+        tag = save_checkpoint(self.engine, self.out, step=self.state.step, rank=self.rank, world_size=self.world,
+                              config_hash=config_hash(self.cfg), keep=self.cfg.checkpoint.keep,
+                              rank_state={"trainer": dataclasses.asdict(self.state), "loader": loader_state})
+        self.metrics.record_checkpoint(time.perf_counter() - started)
+        _log(self.rank, f"checkpoint {tag} saved in {time.perf_counter() - started:.1f}s")
+
+    def _on_sigterm(self, signum, frame) -> None:  # noqa: ARG002 -- signal handler signature
+        self._signalled = True
+
+    def _inject_faults(self) -> None:
+        """Test hooks (env COTRAIN_FAULT_KILL_AT_STEP / COTRAIN_FAULT_SIGTERM_AT_STEP): kill -9 every rank, or
+        SIGTERM rank 0 only, right after that micro-step, so crash and pre-emption tests are deterministic."""
+        if os.environ.get("COTRAIN_FAULT_KILL_AT_STEP") == str(self.state.step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get("COTRAIN_FAULT_SIGTERM_AT_STEP") == str(self.state.step) and self.rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    # --- one micro-step ----------------------------------------------------------------------------------
     def _cast(self, batch):
         batch = batch.to(self.engine.device)
         if self.gpu:  # bf16 weights need bf16 float inputs; ids and masks stay as they are
             batch.inputs = {m: x.bfloat16() if x.is_floating_point() else x for m, x in batch.inputs.items()}
         return batch
 
-    def _train_step(self, batch) -> tuple[dict[str, float], float]:
+    def _agree(self, bad: bool) -> tuple[bool, bool]:
+        """(any rank's loss is not finite, any rank was asked to stop): every rank must take the same
+        branch, or a collective in backward would wait forever."""
+        flags = torch.tensor([float(bad), float(self._signalled)])
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.all_reduce(flags)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def _micro_step(self, batch, last_in_epoch: bool) -> tuple[dict[str, float], float] | None:
+        """Forward, then backward and (at a group boundary) an optimizer step; None when skipped."""
         logits = self.engine(batch.inputs, batch.present)
         logits = {b: v.float() for b, v in logits.items()}
-        scale = self.cfg.transfer.scale_at(self.step / max(self.total_steps, 1))
+        scale = self.cfg.transfer.scale_at(self.state.step / max(self.total_steps, 1))
         terms = cotrain_losses(logits, batch.labels, batch.present, self.cfg.transfer, transfer_scale=scale,
                                stream_label_smoothing=self.cfg.fusion.stream_label_smoothing)
         loss = total_loss(terms)
-        self.engine.backward(loss)
+        bad, self._stop = self._agree(not bool(torch.isfinite(loss)))
+        if bad:
+            self._skip_bad_step()
+            return None
+        self.state.bad_in_row = 0
+        self.engine.backward(loss * self._group_rescale(last_in_epoch))
         self.engine.step()
-        self.step += 1
         return {k: float(v.detach()) for k, v in terms.items()}, float(loss.detach())
 
-    def _epoch(self, epoch: int) -> dict[str, float]:
+    def _group_rescale(self, last_in_epoch: bool) -> float:
+        """Declare the accumulation boundary ourselves, so a partial group at the end of an epoch is
+        stepped, and rescale its losses: DeepSpeed divides by grad_accum, a group of k needs 1/k."""
+        accum = self.cfg.optim.grad_accum
+        if accum == 1:
+            return 1.0
+        if self.state.in_group == 0:
+            self.state.group_size = min(accum, self.loader.steps_per_epoch - self.state.batch_in_epoch)
+        self.state.in_group += 1
+        boundary = self.state.in_group >= self.state.group_size or last_in_epoch
+        self.engine.set_gradient_accumulation_boundary(boundary)
+        size = self.state.group_size
+        if boundary:
+            self.state.in_group = 0
+        return accum / size
+
+    def _skip_bad_step(self) -> None:
+        self.state.bad_in_row += 1
+        self.state.bad_total += 1
+        self.metrics.record_skip("nonfinite_loss")
+        _log(self.rank, f"warning: step {self.state.step + 1}: loss is NaN or infinite on some rank; step skipped "
+                        f"({self.state.bad_in_row} in a row, {self.state.bad_total} in all)")
+        if self.state.bad_in_row >= self.cfg.checkpoint.max_bad_steps:
+            latest = latest_tag(self.out)
+            raise FloatingPointError(
+                f"{self.state.bad_in_row} steps in a row had a NaN or infinite loss; stopping. "
+                + (f"The last good checkpoint is {self.out / CHECKPOINT_DIR / latest}; " if latest else "")
+                + "lower --lr, check the inputs for NaNs, or raise --grad-clip's strictness, then resume.")
+
+    # --- epochs ------------------------------------------------------------------------------------------
+    def _epoch(self) -> dict[str, float] | None:
+        """The rest of the current epoch; the mean of each loss term, or None when stopped by SIGTERM."""
         self.engine.train()
         sums, count, samples, started = {}, 0, 0, time.perf_counter()
-        batches = self.loader.epoch()
+        steps = self.loader.steps_per_epoch
+        batches = itertools.islice(self.loader.epoch(), steps - self.state.batch_in_epoch)
         while True:
             t0 = time.perf_counter()
             batch = next(batches, None)
             if batch is None:
                 break
             t1 = time.perf_counter()
-            terms, total = self._train_step(self._cast(batch))
+            result = self._micro_step(self._cast(batch), self.state.batch_in_epoch + 1 == steps)
             t2 = time.perf_counter()
-            self.metrics.record_step(terms=terms, total=total, batch_size=len(batch), step_seconds=t2 - t1,
-                                     wait_seconds=t1 - t0, lr=self.scheduler.get_last_lr()[0])
-            for k, v in dict(terms, total=total).items():
-                sums[k] = sums.get(k, 0.0) + v
-            count, samples = count + 1, samples + len(batch)
+            self.state.step += 1
+            self.state.batch_in_epoch += 1
+            if result is not None:
+                terms, total = result
+                self.metrics.record_step(terms=terms, total=total, batch_size=len(batch), step_seconds=t2 - t1,
+                                         wait_seconds=t1 - t0, lr=self.scheduler.get_last_lr()[0])
+                for k, v in dict(terms, total=total).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count, samples = count + 1, samples + len(batch)
+            if self._after_step():
+                return None
         means = {k: v / count for k, v in sums.items()}
-        rate = samples * self.world / (time.perf_counter() - started)
-        _log(self.rank, f"epoch {epoch + 1}/{self.cfg.epochs}  loss {means['total']:.4f}  "
+        rate = samples * self.world / max(time.perf_counter() - started, 1e-9)
+        _log(self.rank, f"epoch {self.state.epoch + 1}/{self.cfg.epochs}  loss {means.get('total', float('nan')):.4f}  "
                         + "  ".join(f"{k.removesuffix('_loss')} {v:.3f}" for k, v in means.items() if k != "total")
                         + f"  {rate:.0f} samples/s")
         return means
+
+    def _after_step(self) -> bool:
+        """Periodic checkpoint, SIGTERM, fault hooks; True when the run must stop now."""
+        at_boundary = self.state.in_group == 0
+        every = self.cfg.checkpoint.save_every
+        if at_boundary and (self._stop or (every and self.engine.global_steps % every == 0
+                                                     and self.engine.global_steps != self.state.saved_at)):
+            self.state.saved_at = self.engine.global_steps
+            self._checkpoint()
+        self._inject_faults()
+        return at_boundary and self._stop
 
     def _save(self) -> None:
         """Full weights in RUN/model.pt (rank 0) and a digest of every rank's parameters."""
@@ -135,57 +245,102 @@ class Trainer:
                 torch.save(payload, self.out / MODEL_FILE)
         (self.out / f"params-rank{self.rank}.sha256").write_text(digest + "\n")
 
-    def _make_val_loader(self) -> DaliLoader | None:
-        """Rank 0 validates; under ZeRO-3 no rank holds the whole model, so validation waits for eval."""
+    # --- validation --------------------------------------------------------------------------------------
+    def _make_validation(self):
+        """(val loader, eval copy) on rank 0. Under ZeRO-3 no rank holds the whole model, so every rank
+        gathers the weights into rank 0's plain copy, which validates alone."""
         if self.rank != 0 or self.info.samples("val") == 0 or self.cfg.eval_every == 0:
-            return None
+            return None, None
+        loader = DaliLoader(self.info, "val", self.cfg.loader, modalities=list(self.modalities), training=False)
+        copy = None
         if self.cfg.optim.zero_stage == 3:
-            print("note: per-epoch validation is off under ZeRO-3; run `cotrain eval --which last`", file=sys.stderr)
-            return None
-        return DaliLoader(self.info, "val", self.cfg.loader, modalities=list(self.modalities), training=False)
+            copy = build_model(self.specs, self.info.num_classes, mode=self.cfg.mode, fusion=self.cfg.fusion,
+                               init_seed=self.cfg.seed).to(self.engine.device)
+        return loader, copy
+
+    def _validation_model(self):
+        if self.cfg.optim.zero_stage != 3:
+            return self.engine.module
+        with _zero3_gather(self.engine, self.cfg):  # a collective: every rank is here
+            state = _fp32_state(self.engine.module)
+        if self.eval_model is not None:
+            self.eval_model.load_state_dict(state)
+        return self.eval_model
 
     def _validate(self, epoch: int, train_means: dict[str, float]) -> None:
         """Score every branch on val; keep each branch's best weights by its own val accuracy."""
         last = epoch + 1 == self.cfg.epochs
-        if self.val_loader is None or ((epoch + 1) % self.cfg.eval_every and not last):
+        if self.cfg.eval_every == 0 or ((epoch + 1) % self.cfg.eval_every and not last):
             return
-        scores = score_branches(self.engine.module, self.val_loader, prepare=self._cast)
-        improved = [b for b, s in scores.items() if s["accuracy"] > self.best.get(b, {"accuracy": -1.0})["accuracy"]]
-        state = _fp32_state(self.engine.module) if improved else None  # one copy, however many branches improved
+        model = self._validation_model()
+        if self.val_loader is None:
+            return
+        scores = score_branches(model, self.val_loader, prepare=self._cast)
+        best = self.state.best
+        improved = [b for b, s in scores.items() if s["accuracy"] > best.get(b, {"accuracy": -1.0})["accuracy"]]
+        state = _fp32_state(model) if improved else None  # one copy, however many branches improved
         for branch in improved:
-            self.best[branch] = dict(scores[branch], epoch=epoch + 1)
+            best[branch] = dict(scores[branch], epoch=epoch + 1)
             (self.out / BEST_DIR).mkdir(exist_ok=True)
             torch.save(state, self.out / BEST_DIR / f"{branch}.pt")
-        self.history.append({"epoch": epoch + 1, "train": train_means,
-                             "val": {b: s["accuracy"] for b, s in scores.items()}})
+        self.state.history.append({"epoch": epoch + 1, "train": train_means,
+                                   "val": {b: s["accuracy"] for b, s in scores.items()}})
         _log(0, "  val " + "  ".join(f"{b} {s['accuracy']:.3f}" for b, s in scores.items()))
 
     def _report_validation(self) -> None:
-        if self.rank != 0 or not self.best:
+        if self.rank != 0 or not self.state.best:
             return
-        (self.out / "history.json").write_text(json.dumps(self.history, indent=2) + "\n")
-        result = {"split": "val", "mode": self.cfg.mode, "which": "best", "branches": self.best}
+        (self.out / "history.json").write_text(json.dumps(self.state.history, indent=2) + "\n")
+        result = {"split": "val", "mode": self.cfg.mode, "which": "best", "branches": self.state.best}
         (self.out / "eval-val.json").write_text(json.dumps(result, indent=2) + "\n")
-        _log(0, "best val  " + "  ".join(f"{b} {s['accuracy']:.3f} (epoch {s['epoch']})" for b, s in self.best.items()))
+        _log(0, "best val  " + "  ".join(f"{b} {s['accuracy']:.3f} (epoch {s['epoch']})"
+                                         for b, s in self.state.best.items()))
         print_warning(result)
 
-    def fit(self) -> None:
+    def fit(self) -> bool:
+        """Train to the end (True), or until SIGTERM, after a checkpoint (False)."""
         if self.rank == 0:
             save_config(self.cfg, self.out / "config.json")
         url = self.metrics.serve(host=self.cfg.metrics.host, port=self.cfg.metrics.port + self.local_rank
                                  if self.cfg.metrics.port else 0)
         _log(self.rank, f"training {self.cfg.mode} on {', '.join(self.modalities)}: {self.world} rank(s), "
                         f"{self.loader.steps_per_epoch} steps/epoch, metrics at {url or 'off'}")
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
-            for epoch in range(self.cfg.epochs):
-                self._validate(epoch, self._epoch(epoch))
+            while self.state.epoch < self.cfg.epochs:
+                means = self._epoch()
+                if means is None:
+                    _log(self.rank, f"SIGTERM: checkpoint saved; continue with `cotrain train --resume {self.out}`")
+                    return False
+                self._validate(self.state.epoch, means)
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
             self._save()
             self._report_validation()
+            return True
         finally:
+            signal.signal(signal.SIGTERM, previous)
             self.metrics.close()
 
 
-def train(cfg: RunConfig) -> Path:
+@dataclass
+class LoopState:
+    """The loop's counters, saved in every checkpoint (identical on every rank)."""
+
+    step: int = 0
+    """Micro-steps taken (skipped ones included): the transfer schedule's clock."""
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    in_group: int = 0
+    group_size: int = 1
+    bad_in_row: int = 0
+    bad_total: int = 0
+    saved_at: int = -1
+    best: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+
+
+def train(cfg: RunConfig, *, resume: bool = False, allow_reshard: bool = False) -> Path:
     """Train one run and return its directory."""
-    Trainer(cfg).fit()
+    Trainer(cfg, resume=resume, allow_reshard=allow_reshard).fit()
     return Path(cfg.out)
