@@ -1,6 +1,7 @@
 """Per-branch evaluation: every branch of a run scored on one split, each unimodal branch alone."""
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -11,8 +12,10 @@ from model.cotrain import TEACHER, CoTrainModel, FusionConfig, ModalitySpec
 from pipeline.dali_loader import DaliLoader, LoaderConfig
 from pipeline.dataset import load_dataset_info
 
+from .scores import is_better, make_scorer, primary_metric
+
 __all__ = ["MODEL_FILE", "BEST_DIR", "build_run_model", "load_run", "score_branches", "evaluate_run", "format_scores",
-           "teacher_warning"]
+           "teacher_warning", "task_of", "plot_confusions"]
 
 MODEL_FILE = "model.pt"
 BEST_DIR = "best"
@@ -37,23 +40,33 @@ def load_run(run: str | Path) -> tuple[CoTrainModel, dict]:
     return model.eval(), payload
 
 
+def task_of(info) -> tuple[str, int]:
+    """(task type, classes or target dimension) of a dataset, from dataset.json's "label"."""
+    label = getattr(info, "label", None) or {"type": "class", "num_classes": info.num_classes}
+    task = label.get("type", "class")
+    return task, int(label.get("dim", label.get("num_classes", info.num_classes)))
+
+
 @torch.no_grad()
 def score_branches(model: CoTrainModel, loader: DaliLoader, *, branches: list[str] | None = None,
-                   prepare=lambda batch: batch) -> dict[str, dict]:
-    """Accuracy of each branch over one pass of `loader`. A unimodal branch sees only its own input."""
+                   prepare=lambda batch: batch, task: str = "class", size: int | None = None) -> dict[str, dict]:
+    """The metrics of each branch over one pass of `loader` (ops/scores.py). A unimodal branch sees
+    only its own input and is scored on the samples that have it."""
     was_training = model.training
     model.eval()
     branches = branches or model.branches
-    correct, seen = dict.fromkeys(branches, 0), dict.fromkeys(branches, 0)
+    scorers = {}
     for batch in loader:
         batch = prepare(batch)
         logits = model(batch.inputs, batch.present)
+        if not scorers:  # sized by the heads' outputs unless told
+            scorers = {b: make_scorer(task, size or logits[b].shape[-1]) for b in branches}
+        everyone = torch.ones(len(batch), dtype=torch.bool, device=batch.labels.device)
         for branch in branches:
-            mask = batch.present[branch] if branch != TEACHER else torch.ones_like(batch.labels, dtype=torch.bool)
-            correct[branch] += int(((logits[branch].float().argmax(-1) == batch.labels) & mask).sum())
-            seen[branch] += int(mask.sum())
+            mask = batch.present[branch] if branch != TEACHER else everyone
+            scorers[branch].update(logits[branch].cpu(), batch.labels.cpu(), mask.cpu())
     model.train(was_training)
-    return {b: {"accuracy": correct[b] / max(seen[b], 1), "samples": seen[b]} for b in branches}
+    return {b: scorers[b].result() for b in branches}
 
 
 def _best_weights(run: Path, branch: str) -> Path:
@@ -74,36 +87,72 @@ def evaluate_run(run: str | Path, *, split: str = "test", shards: str | None = N
     for branch in model.branches:
         best = _best_weights(run, branch)
         sources.setdefault(best if which == "best" and best.is_file() else None, []).append(branch)
+    task, size = task_of(info)
     scores = {}
     for source, branches in sources.items():
         state = payload["state_dict"] if source is None else torch.load(source, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-        scores.update(score_branches(model, loader, branches=branches))
+        scores.update(score_branches(model, loader, branches=branches, task=task, size=size))
     scores = {b: scores[b] for b in model.branches}
-    result = {"split": split, "mode": payload["mode"], "which": which, "branches": scores}
+    result = {"split": split, "mode": payload["mode"], "which": which, "task": task, "branches": scores}
     (run / f"eval-{split}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if task == "class":
+        plot_confusions(result, run / "plots", names=getattr(info, "label", {}).get("names"))
     return result
 
 
-def format_scores(result: dict) -> str:
-    """A plain-text table, one row per branch."""
-    lines = [f"{'branch':<14} {'accuracy':>9} {'samples':>8}"]
+def plot_confusions(result: dict, folder: Path, names: list[str] | None = None) -> list[Path]:
+    """One confusion-matrix PNG per branch (rows: true class, columns: predicted), counts in the cells."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
     for branch, score in result["branches"].items():
-        lines.append(f"{branch:<14} {score['accuracy']:>9.4f} {score['samples']:>8}")
+        matrix = torch.tensor(score["confusion"])
+        k = len(matrix)
+        fig, ax = plt.subplots(figsize=(1.2 + 0.45 * k, 1.0 + 0.45 * k))
+        ax.imshow(matrix, cmap="Blues")
+        labels = names or [str(i) for i in range(k)]
+        ax.set_xticks(range(k), labels, rotation=90 if names else 0)
+        ax.set_yticks(range(k), labels)
+        for (i, j), count in ((ij, int(matrix[ij])) for ij in itertools.product(range(k), range(k))):
+            if count:
+                ax.text(j, i, count, ha="center", va="center", fontsize=7,
+                        color="white" if count > matrix.max() / 2 else "black")
+        ax.set(xlabel="predicted", ylabel="true",
+               title=f"{branch} on {result['split']}: accuracy {100 * score['accuracy']:.1f}%")
+        fig.tight_layout()
+        path = folder / f"confusion-{result['split']}-{branch.replace('/', '_')}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def format_scores(result: dict) -> str:
+    """A plain-text table, one row per branch, the task's scalar metrics as columns."""
+    rows = result["branches"]
+    columns = [k for k, v in next(iter(rows.values())).items() if isinstance(v, (int, float)) and k != "samples"]
+    lines = [f"{'branch':<14}" + "".join(f" {c:>10}" for c in columns) + f" {'samples':>8}"]
+    for branch, score in rows.items():
+        lines.append(f"{branch:<14}" + "".join(f" {score[c]:>10.4f}" for c in columns) + f" {score['samples']:>8}")
     return "\n".join(lines)
 
 
 def teacher_warning(result: dict) -> str | None:
     """Transfer only helps when the teacher is the strongest branch: say so when it is not."""
-    branches = result["branches"]
+    branches, task = result["branches"], result.get("task", "class")
     if TEACHER not in branches or len(branches) < 2:
         return None
-    teacher = branches[TEACHER]["accuracy"]
-    stronger = [b for b, s in branches.items() if b != TEACHER and s["accuracy"] > teacher]
+    teacher = branches[TEACHER]
+    stronger = [b for b, s in branches.items() if b != TEACHER and is_better(task, s, teacher)]
     if not stronger:
         return None
+    metric = primary_metric(task)
     return (f"warning: on {result['split']}, student(s) {', '.join(stronger)} beat the multimodal teacher "
-            f"({teacher:.3f}); transfer from a weaker teacher hurts students: give the teacher more capacity "
+            f"({metric} {teacher[metric]:.3f}); transfer from a weaker teacher hurts students: give the teacher more capacity "
             "or train longer, or lower --alpha")
 
 

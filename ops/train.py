@@ -23,8 +23,9 @@ from pipeline.dataset import load_dataset_info
 from .checkpoint import CHECKPOINT_DIR, latest_tag, load_checkpoint, save_checkpoint
 from .config import RunConfig, config_hash, deepspeed_config, save_config
 from .engine import build_engine, init_distributed, rank_info
-from .evaluate import BEST_DIR, MODEL_FILE, print_warning, score_branches
+from .evaluate import BEST_DIR, MODEL_FILE, print_warning, score_branches, task_of
 from .metrics import TrainingMetrics
+from .scores import is_better, primary_metric
 
 __all__ = ["train"]
 
@@ -275,26 +276,31 @@ class Trainer:
         model = self._validation_model()
         if self.val_loader is None:
             return
-        scores = score_branches(model, self.val_loader, prepare=self._cast)
+        task, size = task_of(self.info)
+        scores = score_branches(model, self.val_loader, prepare=self._cast, task=task, size=size)
+        scores = {b: {k: v for k, v in s.items() if k != "confusion"} for b, s in scores.items()}
         best = self.state.best
-        improved = [b for b, s in scores.items() if s["accuracy"] > best.get(b, {"accuracy": -1.0})["accuracy"]]
+        improved = [b for b, s in scores.items() if is_better(task, s, best.get(b))]
         state = _fp32_state(model) if improved else None  # one copy, however many branches improved
         for branch in improved:
             best[branch] = dict(scores[branch], epoch=epoch + 1)
             (self.out / BEST_DIR).mkdir(exist_ok=True)
             torch.save(state, self.out / BEST_DIR / f"{branch}.pt")
-        self.state.history.append({"epoch": epoch + 1, "train": train_means,
-                                   "val": {b: s["accuracy"] for b, s in scores.items()}})
-        _log(0, "  val " + "  ".join(f"{b} {s['accuracy']:.3f}" for b, s in scores.items()))
+        metric = primary_metric(task)
+        self.state.history.append({"epoch": epoch + 1, "train": train_means, "metric": metric,
+                                   "val": {b: s[metric] for b, s in scores.items()}})
+        _log(0, f"  val {metric} " + "  ".join(f"{b} {s[metric]:.3f}" for b, s in scores.items()))
 
     def _report_validation(self) -> None:
         if self.rank != 0 or not self.state.best:
             return
         (self.out / "history.json").write_text(json.dumps(self.state.history, indent=2) + "\n")
-        result = {"split": "val", "mode": self.cfg.mode, "which": "best", "branches": self.state.best}
+        task, _ = task_of(self.info)
+        metric = primary_metric(task)
+        result = {"split": "val", "mode": self.cfg.mode, "which": "best", "task": task, "branches": self.state.best}
         (self.out / "eval-val.json").write_text(json.dumps(result, indent=2) + "\n")
-        _log(0, "best val  " + "  ".join(f"{b} {s['accuracy']:.3f} (epoch {s['epoch']})"
-                                         for b, s in self.state.best.items()))
+        _log(0, f"best val {metric} " + "  ".join(f"{b} {s[metric]:.3f} (epoch {s['epoch']})"
+                                                  for b, s in self.state.best.items()))
         print_warning(result)
 
     def fit(self) -> bool:

@@ -51,8 +51,11 @@ def test_one_epoch_in_each_mode_then_eval_writes_json(tiny_shards, tmp_path, mod
     assert set(written["branches"]) == branches
     assert all(0.0 <= b["accuracy"] <= 1.0 for b in written["branches"].values())
     assert all(b["samples"] > 0 for b in written["branches"].values())
-    for branch in branches:
+    for branch, score in written["branches"].items():
         assert branch in result.output
+        assert 0.0 <= score["macro_f1"] <= 1.0
+        assert sum(map(sum, score["confusion"])) == score["samples"]
+        assert (run / "plots" / f"confusion-test-{branch}.png").stat().st_size > 1000
 
 
 def test_unimodal_mode_needs_exactly_one_modality(tiny_shards, tmp_path):
@@ -141,3 +144,18 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path):
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert runs == ["cotrain-seed0", "multimodal-seed0", "unimodal-audio-seed0", "unimodal-rgb-seed0",
                     "unimodal-text-seed0"]
+
+
+def test_two_launchers_as_two_nodes_without_ssh_train_together(tiny_shards, tmp_path):
+    """The multi-node recipe of the README on one machine: node 0 and node 1 on 127.0.0.1, no SSH."""
+    hostfile, run, port = tmp_path / "hostfile", tmp_path / "nodes", str(free_port())
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    launchers = [subprocess.Popen(
+        [str(VENV_BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+         "--master_addr", "127.0.0.1", "--master_port", port, str(VENV_BIN / "cotrain"), "train",
+         "--shards", str(tiny_shards), "--out", str(run), "--epochs", "1", "--batch-size", "4", "--metrics-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_clean_env()) for node in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "nnodes=2" in outputs[0] and "2 rank(s)" in outputs[0]
+    assert (run / "params-rank0.sha256").read_text() == (run / "params-rank1.sha256").read_text()
