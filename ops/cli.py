@@ -206,6 +206,22 @@ def eval_cmd(run, split, shards_dir, which, as_json) -> None:
     print_warning(result)
 
 
+@main.command("report")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--out", default="report", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for report.md, report.json and the plots.")
+@click.option("--split", default="test", show_default=True, help="Split to compare (eval-<split>.json).")
+def report_cmd(runs, out, split) -> None:
+    """Compare runs: each branch trained alone vs co-trained, mean ± std over seeds, with plots."""
+    from .report import write_report
+
+    try:
+        click.echo(write_report(list(runs), out, split=split))
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"written: {Path(out) / 'report.md'}")
+
+
 @main.command("demo")
 @click.option("--workdir", default="demo-out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--n", type=int, default=600, show_default=True, help="Samples in the synthetic corpus.")

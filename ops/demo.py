@@ -7,16 +7,14 @@ baseline and the co-trained model with the same budget and seed -> evaluate on t
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 
-from model.cotrain import TEACHER
-
 from .config import MetricsConfig, RunConfig
 from .evaluate import MODEL_FILE, evaluate_run
+from .report import collect_runs, comparison_rows, format_comparison, group_runs, write_report
 
-__all__ = ["run_demo", "comparison_rows", "format_comparison"]
+__all__ = ["run_demo"]
 
 
 def _prepare_shards(work: Path, n: int) -> Path:
@@ -40,37 +38,14 @@ def _plan(modalities: list[str]) -> list[tuple[str, str, list[str]]]:
     return plan + [("multimodal", "multimodal", []), ("cotrain", "cotrain", [])]
 
 
-def _train_and_score(run: Path, cfg: RunConfig) -> tuple[dict, dict]:
-    """(test scores, best validation scores) of one run, training it first if needed."""
+def _train_and_score(run: Path, cfg: RunConfig) -> None:
+    """Train the run unless it is finished, and score it on test unless that is done."""
     from .train import train
 
     if not (run / MODEL_FILE).is_file():
         train(cfg)
-    path = run / "eval-test.json"
-    test = json.loads(path.read_text()) if path.is_file() else evaluate_run(run, split="test")
-    return test, json.loads((run / "eval-val.json").read_text())
-
-
-def comparison_rows(results: dict[str, list[dict]], modalities: list[str]) -> list[dict]:
-    """Per branch: mean test accuracy trained alone vs co-trained, over seeds."""
-    rows = []
-    for branch in modalities + [TEACHER]:
-        alone_run = f"unimodal-{branch}" if branch != TEACHER else "multimodal"
-        alone = [r["branches"][branch]["accuracy"] for r in results[alone_run]]
-        co = [r["branches"][branch]["accuracy"] for r in results["cotrain"]]
-        rows.append({"branch": branch, "alone": statistics.mean(alone), "cotrained": statistics.mean(co),
-                     "difference": statistics.mean(co) - statistics.mean(alone),
-                     "alone_std": statistics.pstdev(alone), "cotrained_std": statistics.pstdev(co), "seeds": len(co)})
-    return rows
-
-
-def format_comparison(rows: list[dict]) -> str:
-    lines = ["| branch | trained alone | co-trained | difference |", "| --- | ---: | ---: | ---: |"]
-    for r in rows:
-        spread = lambda mean, std: f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if r["seeds"] > 1 else "")  # noqa
-        lines.append(f"| {r['branch']} | {spread(r['alone'], r['alone_std'])} | "
-                     f"{spread(r['cotrained'], r['cotrained_std'])} | {100 * r['difference']:+.1f} |")
-    return "\n".join(lines)
+    if not (run / "eval-test.json").is_file():
+        evaluate_run(run, split="test")
 
 
 def run_demo(*, workdir: str, n: int, epochs: int, seeds: list[int], metrics_port: int) -> list[dict]:
@@ -80,21 +55,20 @@ def run_demo(*, workdir: str, n: int, epochs: int, seeds: list[int], metrics_por
     from pipeline.dataset import load_dataset_info
 
     modalities = list(load_dataset_info(shards).modalities)
-    results: dict[str, list[dict]] = {}
-    val_results: dict[str, list[dict]] = {}
+    runs = []
     for seed in seeds:
         for name, mode, mods in _plan(modalities):
             run = work / "runs" / f"{name}-seed{seed}"
             print(f"[demo] {name}, seed {seed} -> {run}", flush=True)
             cfg = RunConfig(shards=str(shards), out=str(run), mode=mode, modalities=mods, epochs=epochs, seed=seed,
                             metrics=MetricsConfig(port=metrics_port))
-            test, val = _train_and_score(run, cfg)
-            results.setdefault(name, []).append(test)
-            val_results.setdefault(name, []).append(val)
-    rows, val_rows = comparison_rows(results, modalities), comparison_rows(val_results, modalities)
+            _train_and_score(run, cfg)
+            runs.append(run)
+    write_report(runs, work / "report", split="test")
+    rows = comparison_rows(group_runs(collect_runs(runs, split="test")))
+    val_rows = comparison_rows(group_runs(collect_runs(runs, split="val")))
     table, val_table = format_comparison(rows), format_comparison(val_rows)
-    (work / "results.json").write_text(json.dumps({"rows": rows, "val_rows": val_rows, "runs": results},
-                                                  indent=2) + "\n")
+    (work / "results.json").write_text(json.dumps({"rows": rows, "val_rows": val_rows}, indent=2) + "\n")
     (work / "results.md").write_text(f"Test\n\n{table}\n\nValidation (best epoch)\n\n{val_table}\n")
     over = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
     print(f"\nTest accuracy (%), {over}; every run used the same epochs, optimiser and schedule,")
@@ -105,5 +79,5 @@ def run_demo(*, workdir: str, n: int, epochs: int, seeds: list[int], metrics_por
     print(val_table)
     if metrics_port:
         print(f"\nDuring each training run, Prometheus metrics were served at http://127.0.0.1:{metrics_port}/metrics")
-    print(f"Results: {work / 'results.json'}  ({time.perf_counter() - started:.0f} s)")
+    print(f"Results: {work / 'results.json'}, plots: {work / 'report'}  ({time.perf_counter() - started:.0f} s)")
     return rows

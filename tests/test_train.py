@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from ops.cli import main
 from ops.config import RunConfig, deepspeed_config, load_config
 from ops.engine import free_port
-from ops.demo import comparison_rows, format_comparison
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -119,17 +118,37 @@ def test_two_ranks_under_the_deepspeed_launcher_end_with_identical_parameters(ti
     assert "2 rank(s)" in done.stdout
 
 
-def test_comparison_table_reports_differences():
-    results = {
-        "unimodal-a": [{"branches": {"a": {"accuracy": 0.5}}}, {"branches": {"a": {"accuracy": 0.7}}}],
-        "multimodal": [{"branches": {"multimodal": {"accuracy": 0.8}}}] * 2,
-        "cotrain": [{"branches": {"a": {"accuracy": 0.7}, "multimodal": {"accuracy": 0.9}}}] * 2,
-    }
-    rows = comparison_rows(results, ["a"])
-    assert rows[0]["alone"] == pytest.approx(0.6) and rows[0]["difference"] == pytest.approx(0.1)
-    table = format_comparison(rows)
-    assert "| a | 60.0 ± 10.0 | 70.0 ± 0.0 | +10.0 |" in table
-    assert "| multimodal | 80.0 ± 0.0 | 90.0 ± 0.0 | +10.0 |" in table
+def _fake_run(root: Path, name: str, mode: str, modalities: list, seed: int, scores: dict) -> Path:
+    run = root / f"{name}-{seed}"
+    run.mkdir()
+    cfg = RunConfig(shards="s", out=str(run), mode=mode, modalities=modalities, seed=seed)
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    branches = {b: {"accuracy": v, "samples": 10} for b, v in scores.items()}
+    (run / "eval-test.json").write_text(json.dumps({"split": "test", "task": "class", "branches": branches}))
+    (run / "history.json").write_text(json.dumps([{"epoch": e, "val": scores} for e in (1, 2)]))
+    return run
+
+
+def test_report_compares_each_branch_with_its_baseline_over_seeds(tmp_path):
+    runs = [_fake_run(tmp_path, "uni", "unimodal", ["a"], 0, {"a": 0.5}),
+            _fake_run(tmp_path, "uni", "unimodal", ["a"], 1, {"a": 0.7}),
+            _fake_run(tmp_path, "mm", "multimodal", [], 0, {"multimodal": 0.8}),
+            _fake_run(tmp_path, "co", "cotrain", [], 0, {"a": 0.7, "multimodal": 0.9}),
+            _fake_run(tmp_path, "co", "cotrain", [], 1, {"a": 0.7, "multimodal": 0.9})]
+    result = CliRunner().invoke(main, ["report", *map(str, runs), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "| a | 60.0 ± 10.0 | 70.0 ± 0.0 | +10.0 | 90.0 ± 0.0 |" in result.output
+    assert "| multimodal | 80.0 | 90.0 ± 0.0 | +10.0 |  |" in result.output
+    rows = json.loads((tmp_path / "rep" / "report.json").read_text())["cotrain"]
+    assert rows[0]["alone"] == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1), "n": 2}
+    assert (tmp_path / "rep" / "bars.png").stat().st_size > 1000
+    assert (tmp_path / "rep" / "curves.png").stat().st_size > 1000
+
+
+def test_report_without_a_cotrained_run_says_what_to_add(tmp_path):
+    run = _fake_run(tmp_path, "uni", "unimodal", ["a"], 0, {"a": 0.5})
+    result = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "rep")])
+    assert result.exit_code != 0 and "no co-trained run" in result.output
 
 
 def test_demo_runs_every_stage_and_prints_the_table(tmp_path):
