@@ -1,0 +1,200 @@
+"""Training cost in one run: step time per mode, ZeRO state per rank, scaling from 1 to 2 ranks.
+
+    .venv/bin/python bench/train.py [--samples 240] [--epochs 3] [--work bench-out/train]
+
+Prints one JSON object:
+- `cotrain_step_s`, `multimodal_step_s`, `unimodal_step_s` (by modality): wall time per training step of a
+  real `cotrain train` run on the same shards and budget (DALI loading + DeepSpeed + model), so the
+  ratios count what a user pays, data decoding included: co-training decodes each batch once for every
+  branch, separate runs decode it once per run;
+- `cotrain_vs_multimodal`, `cotrain_vs_separate_sum` (one co-training step over the multimodal step plus
+  every unimodal step);
+- `zero`: per stage 0-3 at 2 ranks, rank 0's optimizer and gradient state (Adam moments, fp32 master
+  partitions, the gradients the optimizer steps on) and peak RSS, for a widened model, in fp32 (CPU
+  training) and bf16 (GPU training precision); `zero2_vs_zero0_state_bytes` (bf16) and `..._fp32`;
+- `samples_per_s_1_rank`, `samples_per_s_2_ranks`, `scaling_2_ranks`.
+Quote ratios; absolute times drift on shared machines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"}}
+    env["PATH"] = f"{BIN}:{env['PATH']}"
+    env["PYTHONPATH"] = f"{ROOT}:{env.get('PYTHONPATH', '')}"
+    return env
+
+
+def _shards(work: Path, samples: int) -> Path:
+    from shards.build import build_shards
+    from shards.synth import write_synthetic_corpus
+
+    corpus, shards = work / "corpus", work / "shards"
+    if not (shards / "dataset.json").is_file():
+        write_synthetic_corpus(corpus, n=samples, seed=0)
+        build_shards(corpus / "manifest.jsonl", out=shards, workers=2)
+    return shards
+
+
+def _train(shards: Path, run: Path, epochs: int, *args: str, ranks: int = 1) -> str:
+    from ops.engine import free_port
+
+    cmd = [str(BIN / "cotrain"), "train", "--shards", str(shards), "--out", str(run), "--epochs", str(epochs),
+           "--metrics-port", "0", "--set", "eval_every=0", *args]
+    if ranks > 1:
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), *cmd]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    if done.returncode:
+        raise SystemExit(f"training failed: {' '.join(cmd)}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return done.stdout
+
+
+def _last_epoch_rate(log: str) -> float:
+    """samples/s of the last epoch (the first pays for start-up)."""
+    return float(re.findall(r"epoch \d+/\d+ .* (\d+) samples/s", log)[-1])
+
+
+def step_seconds(shards: Path, work: Path, epochs: int, batch_size: int) -> dict:
+    from pipeline.dataset import load_dataset_info
+
+    modalities = list(load_dataset_info(shards).modalities)
+    plan = {"cotrain": ["--mode", "cotrain"], "multimodal": ["--mode", "multimodal"]}
+    plan.update({f"unimodal-{m}": ["--mode", "unimodal", "--modalities", m] for m in modalities})
+    seconds = {}
+    for name, args in plan.items():
+        log = _train(shards, work / name, epochs, "--batch-size", str(batch_size), *args)
+        seconds[name] = batch_size / _last_epoch_rate(log)
+    unimodal = {m: seconds[f"unimodal-{m}"] for m in modalities}
+    return {"cotrain_step_s": seconds["cotrain"], "multimodal_step_s": seconds["multimodal"],
+            "unimodal_step_s": unimodal,
+            "cotrain_vs_multimodal": seconds["cotrain"] / seconds["multimodal"],
+            "cotrain_vs_separate_sum": seconds["cotrain"] / (seconds["multimodal"] + sum(unimodal.values()))}
+
+
+def scaling(shards: Path, work: Path, epochs: int, batch_size: int) -> dict:
+    one = _last_epoch_rate(_train(shards, work / "scale-1", epochs, "--batch-size", str(batch_size)))
+    two = _last_epoch_rate(_train(shards, work / "scale-2", epochs, "--batch-size", str(batch_size), ranks=2))
+    return {"samples_per_s_1_rank": one, "samples_per_s_2_ranks": two, "scaling_2_ranks": two / one}
+
+
+# --- ZeRO probe: runs under the deepspeed launcher, one process per rank -----------------------------------
+
+def _inner_optimizer(optimizer):
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def zero_probe(stage: int, bf16: bool, out: Path) -> None:
+    """A few steps of a widened co-training model; rank 0 writes the optimizer and gradient state it held."""
+    import torch
+
+    from model.cotrain import ModalitySpec, build_model
+    from model.losses import TransferConfig, cotrain_losses, total_loss
+    from ops.config import RunConfig, deepspeed_config
+    from ops.engine import build_engine, init_distributed, rank_info
+
+    init_distributed()
+    rank, _, world = rank_info()
+    specs = [ModalitySpec("rgb", "video", {"in_channels": 3, "widths": (64, 128, 256)}),
+             ModalitySpec("audio", "audio", {"in_channels": 40, "widths": (256, 512, 512)})]
+    model = build_model(specs, 6, mode="cotrain")
+    params = sum(p.numel() for p in model.parameters())
+    cfg = RunConfig(shards="-", out="-")
+    cfg.optim.zero_stage = stage
+    cfg.loader.batch_size = 2
+    engine, _ = build_engine(model, deepspeed_config(cfg, total_steps=10, bf16=bf16))
+    inner = _inner_optimizer(engine.optimizer)
+    seen = {"grad_bytes": 0}
+    original = inner.step
+
+    def counting_step(*args, **kwargs):  # the gradients the optimizer actually steps on, at step time
+        seen["grad_bytes"] = sum(p.grad.numel() * p.grad.element_size() for g in inner.param_groups
+                                 for p in g["params"] if p.grad is not None)
+        return original(*args, **kwargs)
+
+    inner.step = counting_step
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    inputs = {"rgb": torch.randn(2, 3, 8, 32, 32, dtype=dtype), "audio": torch.randn(2, 40, 101, dtype=dtype)}
+    present = {m: torch.ones(2, dtype=torch.bool) for m in inputs}
+    labels = torch.tensor([0, 1])
+    for _ in range(3):
+        logits = {k: v.float() for k, v in engine(inputs, present).items()}
+        engine.backward(total_loss(cotrain_losses(logits, labels, present, TransferConfig(start_fraction=0))))
+        engine.step()
+    model_ptrs = {p.data_ptr() for p in engine.module.parameters()}
+    moments = sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values()
+                  if torch.is_tensor(t) and t.dim() > 0)
+    masters = sum(p.numel() * p.element_size() for g in inner.param_groups for p in g["params"]
+                  if p.data_ptr() not in model_ptrs)
+    if rank == 0:
+        out.write_text(json.dumps({
+            "stage": stage, "bf16": bf16, "world_size": world, "params": params, "moment_bytes": moments,
+            "master_bytes": masters, "grad_bytes": seen["grad_bytes"],
+            "state_bytes": moments + masters + seen["grad_bytes"],
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def zero_states(work: Path) -> dict:
+    from ops.engine import free_port
+
+    results = {}
+    for bf16 in (False, True):
+        for stage in range(4):
+            out = work / f"zero{stage}-{'bf16' if bf16 else 'fp32'}.json"
+            cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), __file__,
+                   "--zero-probe", str(stage), "--probe-out", str(out)] + (["--bf16"] if bf16 else [])
+            done = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+            if done.returncode:
+                raise SystemExit(f"ZeRO-{stage} probe failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+            results[f"{stage}-{'bf16' if bf16 else 'fp32'}"] = json.loads(out.read_text())
+    ratio = lambda key: results[f"2-{key}"]["state_bytes"] / results[f"0-{key}"]["state_bytes"]  # noqa: E731
+    return {"zero": results, "zero2_vs_zero0_state_bytes": ratio("bf16"),
+            "zero2_vs_zero0_state_bytes_fp32": ratio("fp32")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=240)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--work", default="bench-out/train")
+    parser.add_argument("--skip", default="", help="Comma-separated parts to skip: steps, zero, scaling.")
+    parser.add_argument("--zero-probe", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.zero_probe is not None:
+        zero_probe(args.zero_probe, args.bf16, Path(args.probe_out))
+        return
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    skip = set(args.skip.split(","))
+    shards = _shards(work, args.samples)
+    result = {"samples": args.samples, "epochs": args.epochs, "batch_size": args.batch_size}
+    if "steps" not in skip:
+        result.update(step_seconds(shards, work, args.epochs, args.batch_size))
+    if "zero" not in skip:
+        result.update(zero_states(work))
+    if "scaling" not in skip:
+        result.update(scaling(shards, work, args.epochs, args.batch_size))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
