@@ -1,27 +1,41 @@
-"""Convert one sample's media to shard members with ffmpeg, and prove every encoded video decodes."""
+"""Convert one sample's media to shard members, and prove every encoded member decodes.
+
+A sample costs at most three ffmpeg launches whatever its modalities: one decodes every ffmpeg input
+(video, depth video, audio, the audio track of a video file) to raw arrays, one encodes every video and
+FLAC member, one decodes every encoded member back as the decode check. Frame and sample selection
+happens in numpy between them; depth images (Pillow), features (.npy) and WAV need no ffmpeg at all.
+"""
 from __future__ import annotations
 
 import io
-import json
 import re
 import subprocess
 import tempfile
 import wave
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import ffmpeg
 import numpy as np
 from tokenizers import Tokenizer
 
 __all__ = [
+    "AUDIO_FORMATS",
+    "FRAME_POLICIES",
+    "RESIZE_POLICIES",
     "VIDEO_CODECS",
+    "AudioSettings",
+    "DepthSettings",
+    "FeatureSettings",
     "TranscodeError",
+    "VideoSettings",
+    "convert_media",
+    "depth_source_bits",
     "encode_text",
+    "feature_dim",
+    "list_depth_frames",
     "pick_frame_indices",
     "read_text",
     "summarize_stderr",
-    "transcode_audio",
-    "transcode_video",
     "video_extension",
 ]
 
@@ -29,23 +43,70 @@ __all__ = [
 # GPU/NVDEC: all three) accept. `threads=1` and `+bitexact` make the bytes reproducible: multithreaded
 # libvpx and the Matroska muxer's random segment UID would otherwise change the shard hashes.
 VIDEO_CODECS = {
-    "vp9": {"extension": "webm", "options": {"format": "webm", "vcodec": "libvpx-vp9", "pix_fmt": "yuv420p",
-                                             "deadline": "realtime", "cpu-used": 8, "crf": 32, "b:v": 0}},
-    "mjpeg": {"extension": "avi", "options": {"format": "avi", "vcodec": "mjpeg", "pix_fmt": "yuvj420p",
-                                              "q:v": 3}},
-    "h264": {"extension": "mp4", "options": {"format": "mp4", "vcodec": "libx264", "pix_fmt": "yuv420p",
-                                             "movflags": "+faststart"}},
+    "vp9": {"extension": "webm", "options": ["-f", "webm", "-c:v", "libvpx-vp9", "-pix_fmt", "yuv420p",
+                                             "-deadline", "realtime", "-cpu-used", "8", "-crf", "32", "-b:v", "0"]},
+    "mjpeg": {"extension": "avi", "options": ["-f", "avi", "-c:v", "mjpeg", "-pix_fmt", "yuvj420p", "-q:v", "3"]},
+    "h264": {"extension": "mp4", "options": ["-f", "mp4", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+                                             "-movflags", "+faststart", "-sc_threshold", "0"]},
 }
-QUIET = ("-hide_banner", "-loglevel", "error")
+AUDIO_FORMATS = ("wav", "flac")
+RESIZE_POLICIES = ("crop", "pad")
+FRAME_POLICIES = ("uniform", "stride")
+QUIET = ("-hide_banner", "-loglevel", "error", "-nostdin", "-y")
 GENERIC_FFMPEG_LINES = ("Conversion failed!", "Exiting normally", "To ignore this")
+SIXTEEN_BIT_PIXEL_FORMATS = re.compile(r"(16|12|10|14|9)(le|be)?$")
 
 
 class TranscodeError(Exception):
-    """A sample's media could not be converted; `reason` is a one-line summary for rejects.jsonl."""
+    """A sample's media could not be converted; `reason` is a one-line summary for rejects.jsonl and
+    `modality` names the member that failed (None when not known yet)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, modality: str | None = None):
         super().__init__(reason)
         self.reason = reason
+        self.modality = modality
+
+
+@dataclass(frozen=True)
+class VideoSettings:
+    """How video and depth frames are sampled and sized (docs/formats.md)."""
+
+    fps: float
+    frames: int
+    height: int
+    width: int
+    codec: str = "vp9"
+    resize: str = "crop"  # crop: scale to cover, cut the centre; pad: scale to fit, pad the borders black
+    policy: str = "uniform"  # uniform: `frames` spread over the clip; stride: `frames` every `stride`-th frame
+    stride: int = 1
+    keyint: int = 0  # keyframe interval; 0 = one keyframe per `frames` (the whole clip is one GOP)
+
+    @property
+    def gop(self) -> int:
+        return self.keyint or self.frames
+
+
+@dataclass(frozen=True)
+class AudioSettings:
+    sample_rate: int
+    samples: int
+    format: str = "wav"
+    fit: str = "start"  # start: keep the first `samples`, pad at the end; centre: keep the middle, pad both ends
+
+
+@dataclass(frozen=True)
+class DepthSettings:
+    dtype: str = "uint8"  # the source bit depth: uint8 or uint16
+
+    @property
+    def max_value(self) -> int:
+        return 65535 if self.dtype == "uint16" else 255
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    dim: int
+    max_frames: int
 
 
 def video_extension(codec: str) -> str:
@@ -55,78 +116,352 @@ def video_extension(codec: str) -> str:
     return VIDEO_CODECS[codec]["extension"]
 
 
-def transcode_video(src: Path | str, *, fps: float, frames: int, height: int, width: int,
-                    codec: str = "vp9") -> bytes:
-    """Exactly `frames` frames of `src` at `fps`, scaled and centre-cropped to height x width, encoded."""
-    video_extension(codec)  # fail on a bad codec before spending a decode on it
-    decoded = _decode_rgb(src, fps=fps, height=height, width=width)  # (N, H, W, 3) uint8
-    chosen = decoded[pick_frame_indices(len(decoded), frames)]
-    encoded = _encode_rgb(chosen, fps=fps, codec=codec)
-    _check_decodes(encoded, frames=frames, height=height, width=width, codec=codec)
-    return encoded
+def pick_frame_indices(available: int, frames: int, *, policy: str = "uniform", stride: int = 1) -> np.ndarray:
+    """Indices of `frames` frames out of `available`; the last frame repeats when there are too few.
 
-
-def pick_frame_indices(available: int, frames: int) -> np.ndarray:
-    """Indices of `frames` frames spread uniformly (segment centres); the last repeats if too few."""
+    uniform: segment centres spread over the whole clip. stride: a window of `frames` frames `stride`
+    apart, centred in the clip (a fixed clip length of frames * stride source frames).
+    """
     if available == 0:
         raise TranscodeError("no decodable video frames")
+    if policy == "stride":
+        window = (frames - 1) * stride + 1
+        start = max(0, (available - window) // 2)
+        return np.minimum(start + np.arange(frames) * stride, available - 1)
     if available < frames:
         return np.minimum(np.arange(frames), available - 1)
     return ((np.arange(frames) + 0.5) * available / frames).astype(int)
 
 
-def _decode_rgb(src: Path | str, *, fps: float, height: int, width: int) -> np.ndarray:
-    """Decode to rgb24 at `fps`, scaling the shorter side to fit and cropping the centre."""
-    stream = ffmpeg.input(str(src)).video.filter("fps", fps=fps)
-    stream = stream.filter("scale", width, height, force_original_aspect_ratio="increase", flags="area")
-    stream = stream.filter("crop", width, height)
-    raw = _run(stream.output("pipe:", format="rawvideo", pix_fmt="rgb24"))
-    return np.frombuffer(raw, dtype=np.uint8).reshape(-1, height, width, 3)
+# --- one sample -----------------------------------------------------------------------------------------
+
+@dataclass
+class _Job:
+    """One ffmpeg output: its input arguments (ending in the input path), output arguments and target."""
+
+    modality: str
+    input_args: tuple[str, ...]
+    output_args: list[str]  # "{input}" stands for the input's index in the combined command
+    target: Path
 
 
-def _encode_rgb(frames: np.ndarray, *, fps: float, codec: str) -> bytes:
-    """Encode (T, H, W, 3) uint8 frames; raw frames go in through a pipe.
+@dataclass
+class _SampleWork:
+    folder: Path
+    members: dict[str, bytes] = field(default_factory=dict)
 
-    The output goes to a temporary file, not a pipe: MP4 with +faststart cannot be written to a pipe,
-    a piped AVI lacks its index (DALI 2.4's CPU decoder segfaults on it) and a piped WebM lacks cues
-    and duration.
+
+def convert_media(values: dict[str, tuple[str, Path | str]], *, video: VideoSettings, audio: AudioSettings,
+                  depth: dict[str, DepthSettings], features: dict[str, FeatureSettings],
+                  tokenizer: Tokenizer | None, max_tokens: int) -> dict[str, bytes]:
+    """Members (`<name>.<ext>` -> bytes, in `values` order) of one sample's modalities.
+
+    `values` maps modality name -> (kind, path or inline text). Raises TranscodeError naming the modality.
     """
-    count, height, width, _ = frames.shape
-    options = dict(VIDEO_CODECS[codec]["options"], g=count, r=fps, threads=1, fflags="+bitexact")
-    source = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=fps)
-    with tempfile.TemporaryDirectory(prefix="cotrain-transcode-") as folder:
-        target = Path(folder, f"clip.{VIDEO_CODECS[codec]['extension']}")
-        _run(source.output(str(target), **options), stdin=frames.tobytes())
-        return target.read_bytes()
+    for name, (kind, value) in values.items():
+        _check_source(name, kind, value)
+    with tempfile.TemporaryDirectory(prefix="cotrain-sample-") as folder:
+        work = _SampleWork(Path(folder))
+        decoded = _decode_stage(values, work, video=video, audio=audio)
+        encode_jobs = []
+        for name, (kind, value) in values.items():
+            try:
+                encode_jobs += _prepare_member(name, kind, value, decoded, work, video=video, audio=audio,
+                                               depth=depth.get(name), features=features.get(name),
+                                               tokenizer=tokenizer, max_tokens=max_tokens)
+            except TranscodeError as error:
+                raise TranscodeError(error.reason, name) from None
+        _run_jobs(encode_jobs)
+        _check_stage(encode_jobs, work, video=video, audio=audio)
+        for job in encode_jobs:
+            work.members[job.target.name] = job.target.read_bytes()
+        return {member: work.members[member] for member in _member_order(values, work.members)}
 
 
-def _check_decodes(encoded: bytes, *, frames: int, height: int, width: int, codec: str) -> None:
-    """Decode the encoded bytes once more: a sample the loaders cannot decode must never reach a shard."""
-    command = ["ffprobe", *QUIET, "-count_frames", "-select_streams", "v:0", "-show_entries",
-               "stream=nb_read_frames,width,height", "-of", "json", "pipe:"]
-    probe = subprocess.run(command, input=encoded, capture_output=True, check=False)
-    if probe.returncode != 0:
-        raise TranscodeError(f"encoded {codec} does not decode: {summarize_stderr(probe.stderr)}")
-    streams = json.loads(probe.stdout or b"{}").get("streams") or [{}]
-    found = (int(streams[0].get("nb_read_frames", 0)), streams[0].get("height"), streams[0].get("width"))
-    if found != (frames, height, width):
-        raise TranscodeError(f"encoded {codec} decodes to {found[0]} frames of {found[1]}x{found[2]}, "
-                             f"expected {frames} frames of {height}x{width}")
+def _member_order(values: dict, members: dict[str, bytes]) -> list[str]:
+    """Members grouped by modality in manifest order (text: .txt then .ids)."""
+    ordered = []
+    for name in values:
+        ordered += sorted((m for m in members if m.split(".", 1)[0] == name), key=lambda m: m.endswith(".ids"))
+    return ordered
 
 
-def transcode_audio(src: Path | str, *, sample_rate: int, samples: int) -> bytes:
-    """WAV bytes (mono 16-bit PCM at `sample_rate`) of exactly `samples` samples, trimmed or zero-padded.
+def _check_source(name: str, kind: str, value: Path | str) -> None:
+    """Missing and empty files get a precise reason before ffmpeg sees them."""
+    if not isinstance(value, Path) or kind == "depth" and _is_image_sequence(value):
+        return
+    if not value.exists():
+        raise TranscodeError(f"file not found: {value}; fix the path in the manifest", name)
+    if value.stat().st_size == 0:
+        raise TranscodeError(f"file is empty (0 bytes): {value}; re-export or drop the sample", name)
 
-    `src` is anything ffmpeg reads, including a video file's audio track.
-    """
-    stream = ffmpeg.input(str(src)).audio
-    raw = _run(stream.output("pipe:", format="f32le", ac=1, ar=sample_rate))
-    decoded = np.frombuffer(raw, dtype="<f4")
+
+def _decode_stage(values: dict, work: _SampleWork, *, video: VideoSettings, audio: AudioSettings) -> dict:
+    """Decode every ffmpeg-read input in one launch; return name -> decoded numpy array."""
+    jobs = []
+    for name, (kind, value) in values.items():
+        if kind == "video" or kind == "depth" and not _is_image_sequence(value):
+            pixel_format = "rgb24" if kind == "video" else "gray16le"
+            jobs.append(_Job(name, ("-i", str(value)), ["-map", "{input}:v:0", "-vf", _video_filter(video),
+                                                        "-f", "rawvideo", "-pix_fmt", pixel_format],
+                             work.folder / f"{name}.decoded"))
+        elif kind == "audio":
+            jobs.append(_Job(name, ("-i", str(value)), ["-map", "{input}:a:0", "-ac", "1", "-ar",
+                                                        str(audio.sample_rate), "-f", "f32le"],
+                             work.folder / f"{name}.decoded"))
+    _run_jobs(jobs)
+    decoded = {}
+    for job in jobs:
+        raw = job.target.read_bytes()
+        kind = values[job.modality][0]
+        if kind == "audio":
+            decoded[job.modality] = np.frombuffer(raw, dtype="<f4")
+        elif kind == "video":
+            decoded[job.modality] = np.frombuffer(raw, dtype=np.uint8).reshape(-1, video.height, video.width, 3)
+        else:
+            decoded[job.modality] = np.frombuffer(raw, dtype="<u2").reshape(-1, video.height, video.width)
+    return decoded
+
+
+def _video_filter(video: VideoSettings) -> str:
+    """fps, then scale and centre-crop (cover) or scale and centre-pad (fit) to height x width."""
+    size = f"{video.width}:{video.height}"
+    if video.resize == "pad":
+        return (f"fps={video.fps},scale={size}:force_original_aspect_ratio=decrease:flags=area,"
+                f"pad={size}:(ow-iw)/2:(oh-ih)/2")
+    return f"fps={video.fps},scale={size}:force_original_aspect_ratio=increase:flags=area,crop={size}"
+
+
+def _prepare_member(name: str, kind: str, value, decoded: dict, work: _SampleWork, *, video: VideoSettings,
+                    audio: AudioSettings, depth: DepthSettings | None, features: FeatureSettings | None,
+                    tokenizer: Tokenizer | None, max_tokens: int) -> list[_Job]:
+    """Fill work.members for members made in Python; return the encode jobs of the others."""
+    if kind == "video":
+        return [_video_encode_job(name, decoded[name], work, video)]
+    if kind == "audio":
+        return _audio_member(name, decoded[name], work, audio)
+    if kind == "depth":
+        frames = _depth_frames(value, decoded.get(name), video, depth)
+        work.members[f"{name}.npy"] = _npy_bytes(frames)
+    elif kind == "features":
+        work.members[f"{name}.npy"] = _npy_bytes(_load_features(value, features))
+    else:
+        text, ids = encode_text(read_text(value), tokenizer=tokenizer, max_tokens=max_tokens)
+        work.members[f"{name}.txt"], work.members[f"{name}.ids"] = text, ids
+    return []
+
+
+def _video_encode_job(name: str, frames: np.ndarray, work: _SampleWork, video: VideoSettings) -> _Job:
+    chosen = frames[pick_frame_indices(len(frames), video.frames, policy=video.policy, stride=video.stride)]
+    source = work.folder / f"{name}.chosen"
+    source.write_bytes(np.ascontiguousarray(chosen).tobytes())
+    options = [*VIDEO_CODECS[video.codec]["options"], "-g", str(video.gop), "-keyint_min", str(video.gop),
+               "-r", str(video.fps), "-threads", "1", "-fflags", "+bitexact"]
+    return _Job(name, ("-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{video.width}x{video.height}",
+                       "-framerate", str(video.fps), "-i", str(source)),
+                ["-map", "{input}:v:0", *options], work.folder / f"{name}.{video_extension(video.codec)}")
+
+
+def _audio_member(name: str, decoded: np.ndarray, work: _SampleWork, audio: AudioSettings) -> list[_Job]:
+    """WAV is written here; FLAC is encoded by ffmpeg from the same 16-bit samples (lossless)."""
     if decoded.size == 0:
         raise TranscodeError("no decodable audio samples")
-    fitted = np.zeros(samples, dtype=np.float32)
-    fitted[:min(samples, decoded.size)] = decoded[:samples]
-    return _wav_bytes((np.clip(fitted, -1.0, 1.0) * 32767).astype("<i2"), sample_rate=sample_rate)
+    pcm = (np.clip(_fit_audio(decoded, audio), -1.0, 1.0) * 32767).astype("<i2")
+    if audio.format == "wav":
+        work.members[f"{name}.wav"] = _wav_bytes(pcm, sample_rate=audio.sample_rate)
+        return []
+    source = work.folder / f"{name}.pcm"
+    source.write_bytes(pcm.tobytes())
+    return [_Job(name, ("-f", "s16le", "-ar", str(audio.sample_rate), "-ac", "1", "-i", str(source)),
+                 ["-map", "{input}:a:0", "-c:a", "flac", "-fflags", "+bitexact", "-flags", "+bitexact",
+                  "-f", "flac"], work.folder / f"{name}.flac")]
+
+
+def _fit_audio(decoded: np.ndarray, audio: AudioSettings) -> np.ndarray:
+    """Exactly `samples` samples: trimmed (start or centre kept) or zero-padded (at the end or both ends)."""
+    fitted = np.zeros(audio.samples, dtype=np.float32)
+    surplus = decoded.size - audio.samples
+    if audio.fit == "centre":
+        start = max(surplus, 0) // 2
+        offset = max(-surplus, 0) // 2
+    else:
+        start = offset = 0
+    kept = decoded[start:start + audio.samples]
+    fitted[offset:offset + kept.size] = kept
+    return fitted
+
+
+def _check_stage(jobs: list[_Job], work: _SampleWork, *, video: VideoSettings, audio: AudioSettings) -> None:
+    """Decode every encoded member once more: a sample the loaders cannot decode never reaches a shard."""
+    checks, expected = [], {}
+    for job in jobs:
+        target = work.folder / f"{job.target.name}.check"
+        if job.target.suffix == ".flac":
+            checks.append(_Job(job.modality, ("-i", str(job.target)), ["-map", "{input}:a:0", "-f", "s16le"], target))
+            expected[target] = (audio.samples * 2, f"{audio.samples} audio samples")
+        else:
+            checks.append(_Job(job.modality, ("-i", str(job.target)),
+                               ["-map", "{input}:v:0", "-f", "rawvideo", "-pix_fmt", "gray"], target))
+            expected[target] = (video.frames * video.height * video.width,
+                                f"{video.frames} frames of {video.height}x{video.width}")
+    try:
+        _run_jobs(checks)
+    except TranscodeError as error:
+        raise TranscodeError(f"encoded member does not decode: {error.reason}", error.modality) from None
+    for check in checks:
+        size, words = expected[check.target]
+        if check.target.stat().st_size != size:
+            raise TranscodeError(f"encoded {check.target.stem.removesuffix('.check')} decodes to "
+                                 f"{check.target.stat().st_size} bytes, expected {words}", check.modality)
+
+
+def _run_jobs(jobs: list[_Job]) -> None:
+    """All jobs in one ffmpeg launch; on failure, rerun them one by one to name the failing modality."""
+    if not jobs:
+        return
+    try:
+        _ffmpeg(_command(jobs))
+    except TranscodeError as error:
+        if len(jobs) == 1:
+            raise TranscodeError(error.reason, jobs[0].modality) from None
+        for job in jobs:
+            _run_jobs([job])
+        raise TranscodeError(error.reason, jobs[0].modality) from None
+
+
+def _command(jobs: list[_Job]) -> list[str]:
+    """Inputs first (each distinct input once, so a video and its audio track share one demuxer), then outputs."""
+    inputs: list[tuple[str, ...]] = []
+    for job in jobs:
+        if job.input_args not in inputs:
+            inputs.append(job.input_args)
+    command = [arg for input_args in inputs for arg in input_args]
+    for job in jobs:
+        index = str(inputs.index(job.input_args))
+        command += [arg.replace("{input}", index) for arg in job.output_args] + [str(job.target)]
+    return command
+
+
+def _ffmpeg(arguments: list[str]) -> None:
+    completed = subprocess.run(["ffmpeg", *QUIET, *arguments], capture_output=True, check=False)
+    if completed.returncode != 0:
+        raise TranscodeError(summarize_stderr(completed.stderr))
+
+
+# --- depth, features, audio, text -------------------------------------------------------------------------
+
+def _is_image_sequence(value: Path | str) -> bool:
+    """A folder of images or a glob pattern of images (as opposed to a depth video file)."""
+    text = str(value)
+    return (isinstance(value, Path) and value.is_dir()) or any(c in text for c in "*?[") or text.endswith("/")
+
+
+def list_depth_frames(value: Path) -> list[Path]:
+    """The frame images of a depth folder (its PNG/JPEG files) or glob pattern, in name order."""
+    if value.is_dir():
+        paths = [p for p in value.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
+    else:
+        paths = list(value.parent.glob(value.name))
+    return sorted(paths, key=lambda p: p.name)
+
+
+def depth_source_bits(value: Path) -> int:
+    """8 or 16: the bit depth of a depth source (first image's mode, or the video's pixel format)."""
+    if _is_image_sequence(value):
+        frames = list_depth_frames(value)
+        if not frames:
+            raise TranscodeError(f"no PNG or JPEG frames in {value}")
+        from PIL import Image
+        with Image.open(frames[0]) as image:
+            return 16 if image.mode.startswith("I") else 8
+    probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+                            "stream=pix_fmt", "-of", "csv=p=0", str(value)], capture_output=True, check=False)
+    if probe.returncode != 0:
+        raise TranscodeError(summarize_stderr(probe.stderr))
+    return 16 if SIXTEEN_BIT_PIXEL_FORMATS.search(probe.stdout.decode().strip()) else 8
+
+
+def _depth_frames(value: Path, decoded: np.ndarray | None, video: VideoSettings,
+                  depth: DepthSettings) -> np.ndarray:
+    """(frames, H, W) uint8 or uint16 depth, sampled and sized like video frames."""
+    if decoded is not None:  # a depth video, decoded as gray16le (8-bit sources read as v * 257)
+        chosen = decoded[pick_frame_indices(len(decoded), video.frames, policy=video.policy, stride=video.stride)]
+        return chosen >> 8 if depth.dtype == "uint8" else chosen.astype(np.uint16)
+    paths = list_depth_frames(value)
+    if not paths:
+        raise TranscodeError(f"no PNG or JPEG frames in {value}; point the manifest at a folder or a pattern "
+                             f"such as dir/*.png")
+    chosen = [paths[i] for i in pick_frame_indices(len(paths), video.frames, policy=video.policy,
+                                                   stride=video.stride)]
+    return np.stack([_read_depth_image(path, video, depth) for path in chosen])
+
+
+def _read_depth_image(path: Path, video: VideoSettings, depth: DepthSettings) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as image:
+            sixteen = image.mode.startswith("I")
+            pixels = np.asarray(image if sixteen else image.convert("L"), dtype=np.float32)
+    except (OSError, UnidentifiedImageError) as error:
+        raise TranscodeError(f"cannot read depth image {path}: {error}") from None
+    if sixteen and depth.dtype == "uint8":
+        raise TranscodeError(f"{path} is a 16-bit image, but this depth modality stores uint8 (its first "
+                             f"sample is 8-bit); give every sample the same bit depth")
+    if not sixteen and depth.dtype == "uint16":
+        pixels = pixels * 257  # 8-bit into a 16-bit modality: full scale stays full scale
+    resized = _resize_plane(pixels, video)
+    return np.clip(np.rint(resized), 0, depth.max_value).astype(depth.dtype)
+
+
+def _resize_plane(pixels: np.ndarray, video: VideoSettings) -> np.ndarray:
+    """Scale a float plane to cover (crop) or fit (pad) height x width, then cut or pad the centre."""
+    from PIL import Image
+    rows, cols = pixels.shape
+    scale = (max if video.resize == "crop" else min)(video.height / rows, video.width / cols)
+    size = (max(1, round(cols * scale)), max(1, round(rows * scale)))
+    scaled = np.asarray(Image.fromarray(pixels.astype(np.float32)).resize(size, Image.BILINEAR))
+    out = np.zeros((video.height, video.width), dtype=np.float32)
+    top, left = (scaled.shape[0] - video.height) // 2, (scaled.shape[1] - video.width) // 2
+    if video.resize == "crop":
+        return scaled[top:top + video.height, left:left + video.width]
+    out[-top:-top + scaled.shape[0], -left:-left + scaled.shape[1]] = scaled
+    return out
+
+
+def feature_dim(value: Path) -> int:
+    """The feature dimension D of a (T, D) or (D,) .npy file, read from its header only."""
+    try:
+        array = np.load(value, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise TranscodeError(f"cannot read features {value}: {error}") from None
+    return int(array.shape[-1]) if array.ndim else 0
+
+
+def _load_features(value: Path, features: FeatureSettings) -> np.ndarray:
+    """(T, D) float32 features, T <= max_frames (longer sequences keep their first max_frames)."""
+    try:
+        array = np.load(value, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise TranscodeError(f"cannot read features {value}: {error}") from None
+    if array.ndim == 1:
+        array = array[None]
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
+        raise TranscodeError(f"features {value} have shape {array.shape} and dtype {array.dtype}; "
+                             f"store a numeric (T, D) array")
+    if array.shape[1] != features.dim or array.shape[0] == 0:
+        raise TranscodeError(f"features {value} have shape {array.shape}; this modality needs (T >= 1, "
+                             f"{features.dim}) (D is fixed by its first sample)")
+    trimmed = array[:features.max_frames].astype(np.float32)
+    if not np.isfinite(trimmed).all():
+        raise TranscodeError(f"features {value} contain NaN or infinite values; clean them before building")
+    return trimmed
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    """npy format version 1.0, the one DALI's numpy decoder reads."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.ascontiguousarray(array), version=(1, 0), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _wav_bytes(pcm: np.ndarray, *, sample_rate: int) -> bytes:
@@ -155,19 +490,6 @@ def encode_text(text: str, *, tokenizer: Tokenizer, max_tokens: int) -> tuple[by
     padded = np.zeros(max_tokens, dtype="<i4")
     padded[:len(ids)] = ids
     return text.encode("utf-8"), padded.tobytes()
-
-
-def _run(stream, *, stdin: bytes | None = None) -> bytes:
-    """Run an ffmpeg-python stream quietly; return stdout or raise TranscodeError with ffmpeg's reason.
-
-    -nostdin keeps ffmpeg from reading keystrokes off an inherited terminal; piped input still works.
-    """
-    try:
-        stdout, _ = stream.global_args(*QUIET, "-nostdin").overwrite_output().run(
-            input=stdin, capture_stdout=True, capture_stderr=True)
-    except ffmpeg.Error as error:
-        raise TranscodeError(summarize_stderr(error.stderr)) from None
-    return stdout
 
 
 def summarize_stderr(stderr: bytes | None) -> str:
