@@ -386,7 +386,7 @@ def _depth_frames(value: Path, decoded: np.ndarray | None, video: VideoSettings,
     """(frames, H, W) uint8 or uint16 depth, sampled and sized like video frames."""
     if decoded is not None:  # a depth video, decoded as gray16le (8-bit sources read as v * 257)
         chosen = decoded[pick_frame_indices(len(decoded), video.frames, policy=video.policy, stride=video.stride)]
-        return chosen >> 8 if depth.dtype == "uint8" else chosen.astype(np.uint16)
+        return (chosen >> 8).astype(np.uint8) if depth.dtype == "uint8" else chosen.astype(np.uint16)
     paths = list_depth_frames(value)
     if not paths:
         raise TranscodeError(f"no PNG or JPEG frames in {value}; point the manifest at a folder or a pattern "
