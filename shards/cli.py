@@ -132,3 +132,68 @@ def _summary(description: dict, out: Path, *, seconds: float) -> str:
     return (f"Built {sum(split['samples'] for split in splits.values())} samples ({per_split}) into "
             f"{len(shards)} shards ({megabytes:.1f} MB) in {seconds:.1f} s; {description['rejects']} rejected "
             f"(see {out / 'rejects.jsonl'}). Dataset description: {out / 'dataset.json'}.")
+
+
+@shards_group.command("verify")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--full", is_flag=True, help="Decode every sample (default: the first sample of each shard).")
+def verify_command(folder: Path, full: bool) -> None:
+    """Re-hash every shard against dataset.json, check each index against its tar, decode samples."""
+    from shards.verify import verify_shards
+    problems = verify_shards(folder, full=full)
+    for problem in problems:
+        click.echo(problem, err=True)
+    if problems:
+        raise click.ClickException(f"{len(problems)} problem(s) in {folder}.")
+    click.echo(f"{folder}: every shard matches dataset.json ({'all samples' if full else 'first samples'} decoded).")
+
+
+@shards_group.command("inspect")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--key", default=None, help="Write this sample's members and decoded media to --out.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for --key's files [default: ./<key>].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect_command(folder: Path, key: str | None, out: Path | None, as_json: bool) -> None:
+    """Samples per split and class, stored durations, bytes and modality coverage; or export one sample."""
+    import json
+    from shards.summary import export_sample, format_summary, summarize_shards
+    if key is not None:
+        try:
+            written = export_sample(folder, key, out or Path(key))
+        except KeyError as error:
+            raise click.ClickException(error.args[0]) from None
+        click.echo("\n".join(str(path) for path in written))
+        return
+    summary = summarize_shards(folder)
+    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
+@shards_group.command("merge")
+@click.argument("parts", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def merge_command(parts: tuple[Path, ...], out: Path) -> None:
+    """Join the PARTS of a `build --part I/N` into one shard directory with contiguous shard numbers."""
+    from shards.merge import merge_parts
+    try:
+        description = merge_parts(list(parts), out=out)
+    except BuildError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(_summary(description, out, seconds=0).replace(" in 0.0 s", ""))
+
+
+@shards_group.command("manifest")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--format", "dataset", type=click.Choice(["egogesture", "nvgesture", "ravdess", "cmu-mosei"]),
+              required=True, help="The dataset whose publisher's layout ROOT holds.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def manifest_command(root: Path, dataset: str, out: Path) -> None:
+    """Write a manifest (with the dataset's standard split) for the dataset under ROOT."""
+    from collections import Counter
+    from shards.adapters import AdapterError, write_manifest
+    try:
+        records = write_manifest(dataset, root, out)
+    except AdapterError as error:
+        raise click.ClickException(str(error)) from None
+    splits = Counter(record["split"] for record in records)
+    click.echo(f"Wrote {len(records)} samples ({', '.join(f'{k} {v}' for k, v in splits.items())}) to {out}.")

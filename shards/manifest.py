@@ -16,6 +16,7 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ManifestSample",
+    "FrameRange",
     "VIDEO_EXTENSIONS",
     "infer_kind",
     "read_manifest",
@@ -32,6 +33,22 @@ RESERVED_FIELDS = ("key", "split", "label")
 # dots, spaces and slashes silently corrupt samples there.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 MODALITY_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+RANGE_SUFFIX = re.compile(r"@(\d+)-(\d+)$")
+
+
+@dataclass(frozen=True)
+class FrameRange:
+    """A video file or image sequence restricted to frames `start`..`end` (1-based, inclusive), written
+    `path@START-END` in a manifest (EgoGesture and NVGesture annotate gestures as frame ranges)."""
+
+    path: Path
+    start: int
+    end: int
+
+    def __str__(self) -> str:
+        return f"{self.path}@{self.start}-{self.end}"
 
 
 class ManifestError(ValueError):
@@ -63,15 +80,21 @@ class Manifest:
     label: dict = field(default_factory=dict)
 
 
-def infer_kind(value: str) -> str:
-    """The modality kind a value implies.
+def infer_kind(value: str, name: str = "") -> str:
+    """The modality kind a value (of the field `name`) implies.
 
-    video or audio by file extension, features for `.npy`, depth for a folder (`dir/`) or a glob
-    pattern of images (`dir/*.png`), otherwise text. A depth *video* needs `--modality NAME=depth`.
+    A video file or a folder (`dir/`) or glob pattern of images (`dir/*.png`), optionally with a frame
+    range `@START-END`, is video, or depth when the field's name contains "depth"; a video file in a field
+    whose name contains "audio" is audio (its audio track). Otherwise: audio by extension, features for
+    `.npy`, text for anything else. `--modality NAME=KIND` overrides all of this.
     """
+    value = RANGE_SUFFIX.sub("", value)
     suffix = os.path.splitext(value)[1].lower()
-    if value.endswith("/") or (any(c in value for c in "*?[") and suffix in IMAGE_EXTENSIONS):
-        return "depth"
+    images = value.endswith("/") or (any(c in value for c in "*?[") and suffix in IMAGE_EXTENSIONS)
+    if images or suffix in VIDEO_EXTENSIONS:
+        if "depth" in name.lower():
+            return "depth"
+        return "audio" if "audio" in name.lower() and not images else "video"
     if suffix == ".npy":
         return "features"
     if suffix in VIDEO_EXTENSIONS:
@@ -185,9 +208,9 @@ def _decide_kinds(records: list[tuple[int, dict]], forced_kinds: dict[str, str])
                 kinds.setdefault(name, forced_kinds[name])
             elif value is not None:
                 _check_value_type(name, value, line)
-                _check_consistent_kind(name, infer_kind(value), kinds, decided_at, line)
+                _check_consistent_kind(name, infer_kind(value, name), kinds, decided_at, line)
                 decided_at.setdefault(name, line)
-                kinds.setdefault(name, infer_kind(value))
+                kinds.setdefault(name, infer_kind(value, name))
     return kinds
 
 
@@ -241,10 +264,21 @@ def _required_fields(line: int, record: dict) -> tuple[str, str, object]:
     return key, split, label
 
 
-def _resolve_value(value: str, kind: str, line: int, name: str, root: Path) -> Path | str:
+def _resolve_value(value: str, kind: str, line: int, name: str, root: Path) -> Path | str | FrameRange:
     """Media and .txt values become paths under the manifest's folder; other text stays inline."""
     if kind == "text" and not value.lower().endswith(".txt"):
         return value
+    frame_range = RANGE_SUFFIX.search(value) if kind in ("video", "depth") else None
+    if frame_range:
+        start, end = int(frame_range[1]), int(frame_range[2])
+        if not 1 <= start <= end:
+            raise ManifestError(f"line {line}: field {name!r} frame range @{start}-{end} is invalid; write "
+                                f"@START-END with 1 <= START <= END (1-based, inclusive).")
+        return FrameRange(_resolve_path(value[:frame_range.start()], line, name, root), start, end)
+    return _resolve_path(value, line, name, root)
+
+
+def _resolve_path(value: str, line: int, name: str, root: Path) -> Path:
     if os.path.isabs(value):
         return Path(value)
     # normpath (not resolve) so that symlinked data folders inside the corpus stay allowed.

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from shards.manifest import FrameRange
+
 __all__ = [
     "AUDIO_FORMATS",
     "FRAME_POLICIES",
@@ -188,9 +190,10 @@ def _member_order(values: dict, members: dict[str, bytes]) -> list[str]:
     return ordered
 
 
-def _check_source(name: str, kind: str, value: Path | str) -> None:
+def _check_source(name: str, kind: str, value: Path | str | FrameRange) -> None:
     """Missing and empty files get a precise reason before ffmpeg sees them."""
-    if not isinstance(value, Path) or kind == "depth" and _is_image_sequence(value):
+    value = _path_of(value)
+    if not isinstance(value, Path) or kind in ("video", "depth") and _is_image_sequence(value):
         return
     if not value.exists():
         raise TranscodeError(f"file not found: {value}; fix the path in the manifest", name)
@@ -202,9 +205,10 @@ def _decode_stage(values: dict, work: _SampleWork, *, video: VideoSettings, audi
     """Decode every ffmpeg-read input in one launch; return name -> decoded numpy array."""
     jobs = []
     for name, (kind, value) in values.items():
-        if kind == "video" or kind == "depth" and not _is_image_sequence(value):
+        if kind in ("video", "depth") and not _is_image_sequence(value):
             pixel_format = "rgb24" if kind == "video" else "gray16le"
-            jobs.append(_Job(name, ("-i", str(value)), ["-map", "{input}:v:0", "-vf", _video_filter(video),
+            jobs.append(_Job(name, ("-i", str(_path_of(value))), ["-map", "{input}:v:0",
+                                                                  "-vf", _range_filter(value) + _video_filter(video),
                                                         "-f", "rawvideo", "-pix_fmt", pixel_format],
                              work.folder / f"{name}.decoded"))
         elif kind == "audio":
@@ -225,6 +229,17 @@ def _decode_stage(values: dict, work: _SampleWork, *, video: VideoSettings, audi
     return decoded
 
 
+def _path_of(value):
+    return value.path if isinstance(value, FrameRange) else value
+
+
+def _range_filter(value) -> str:
+    """Keep source frames start..end (1-based, inclusive) before any resampling."""
+    if not isinstance(value, FrameRange):
+        return ""
+    return f"trim=start_frame={value.start - 1}:end_frame={value.end},setpts=PTS-STARTPTS,"
+
+
 def _video_filter(video: VideoSettings) -> str:
     """fps, then scale and centre-crop (cover) or scale and centre-pad (fit) to height x width."""
     size = f"{video.width}:{video.height}"
@@ -239,7 +254,12 @@ def _prepare_member(name: str, kind: str, value, decoded: dict, work: _SampleWor
                     tokenizer: Tokenizer | None, max_tokens: int) -> list[_Job]:
     """Fill work.members for members made in Python; return the encode jobs of the others."""
     if kind == "video":
-        return [_video_encode_job(name, decoded[name], work, video)]
+        if name in decoded:
+            chosen = decoded[name][pick_frame_indices(len(decoded[name]), video.frames, policy=video.policy,
+                                                      stride=video.stride)]
+        else:
+            chosen = _rgb_image_frames(value, video)
+        return [_video_encode_job(name, chosen, work, video)]
     if kind == "audio":
         return _audio_member(name, decoded[name], work, audio)
     if kind == "depth":
@@ -253,8 +273,7 @@ def _prepare_member(name: str, kind: str, value, decoded: dict, work: _SampleWor
     return []
 
 
-def _video_encode_job(name: str, frames: np.ndarray, work: _SampleWork, video: VideoSettings) -> _Job:
-    chosen = frames[pick_frame_indices(len(frames), video.frames, policy=video.policy, stride=video.stride)]
+def _video_encode_job(name: str, chosen: np.ndarray, work: _SampleWork, video: VideoSettings) -> _Job:
     source = work.folder / f"{name}.chosen"
     source.write_bytes(np.ascontiguousarray(chosen).tobytes())
     options = [*VIDEO_CODECS[video.codec]["options"], "-g", str(video.gop), "-keyint_min", str(video.gop),
@@ -394,22 +413,48 @@ def _ffmpeg(arguments: list[str]) -> None:
 
 # --- depth, features, audio, text -------------------------------------------------------------------------
 
-def _is_image_sequence(value: Path | str) -> bool:
-    """A folder of images or a glob pattern of images (as opposed to a depth video file)."""
+def _is_image_sequence(value) -> bool:
+    """A folder of images or a glob pattern of images (as opposed to a video file)."""
+    value = _path_of(value)
     text = str(value)
     return (isinstance(value, Path) and value.is_dir()) or any(c in text for c in "*?[") or text.endswith("/")
 
 
-def list_depth_frames(value: Path) -> list[Path]:
-    """The frame images of a depth folder (its PNG/JPEG files) or glob pattern, in name order."""
-    if value.is_dir():
-        paths = [p for p in value.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
+def list_depth_frames(value) -> list[Path]:
+    """The frame images of a folder (its PNG/JPEG files) or glob pattern, in name order, cut to the
+    frame range when there is one."""
+    folder = _path_of(value)
+    if folder.is_dir():
+        paths = [p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")]
     else:
-        paths = list(value.parent.glob(value.name))
-    return sorted(paths, key=lambda p: p.name)
+        paths = list(folder.parent.glob(folder.name))
+    paths.sort(key=lambda p: p.name)
+    if isinstance(value, FrameRange):
+        paths = paths[value.start - 1:value.end]
+    return paths
 
 
-def depth_source_bits(value: Path) -> int:
+def _rgb_image_frames(value, video: VideoSettings) -> np.ndarray:
+    """(frames, H, W, 3) uint8 from an image sequence: chosen frames, sized like decoded video."""
+    from PIL import Image, UnidentifiedImageError
+    paths = list_depth_frames(value)
+    if not paths:
+        raise TranscodeError(f"no PNG or JPEG frames in {value}")
+    chosen = [paths[i] for i in pick_frame_indices(len(paths), video.frames, policy=video.policy,
+                                                   stride=video.stride)]
+    frames = []
+    for path in chosen:
+        try:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+        except (OSError, UnidentifiedImageError) as error:
+            raise TranscodeError(f"cannot read image {path}: {error}") from None
+        planes = [_resize_plane(pixels[..., channel], video) for channel in range(3)]
+        frames.append(np.clip(np.rint(np.stack(planes, axis=-1)), 0, 255).astype(np.uint8))
+    return np.stack(frames)
+
+
+def depth_source_bits(value) -> int:
     """8 or 16: the bit depth of a depth source (first image's mode, or the video's pixel format)."""
     if _is_image_sequence(value):
         frames = list_depth_frames(value)
@@ -419,7 +464,8 @@ def depth_source_bits(value: Path) -> int:
         with Image.open(frames[0]) as image:
             return 16 if image.mode.startswith("I") else 8
     probe = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
-                            "stream=pix_fmt", "-of", "csv=p=0", str(value)], capture_output=True, check=False)
+                            "stream=pix_fmt", "-of", "csv=p=0", str(_path_of(value))], capture_output=True,
+                           check=False)
     if probe.returncode != 0:
         raise TranscodeError(summarize_stderr(probe.stderr))
     return 16 if SIXTEEN_BIT_PIXEL_FORMATS.search(probe.stdout.decode().strip()) else 8
