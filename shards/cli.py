@@ -39,7 +39,7 @@ def synth_command(out: Path, count: int, seed: int, classes: int, workers: int) 
               help="Shard directory to write.")
 @click.option("--modality", "modalities", multiple=True, metavar="NAME=KIND",
               help="Fix a modality's kind (video, audio, text, depth, features) instead of inferring it; "
-                   "repeatable. A depth video needs NAME=depth.")
+                   "repeatable (see docs/formats.md for what is inferred).")
 @click.option("--label-type", type=click.Choice(LABEL_TYPES), default=None,
               help="Label type instead of inferring it (a list of ints is multilabel unless 'regression').")
 @click.option("--codec", type=click.Choice(list(VIDEO_CODECS)), default="vp9", show_default=True,
