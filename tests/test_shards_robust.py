@@ -71,7 +71,10 @@ def test_resume_after_kill_9_is_byte_identical_to_an_uninterrupted_build(synthet
     deadline = time.monotonic() + 120
     while len(list(out.glob("*.stats.json"))) < 2 and build.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.killpg(build.pid, signal.SIGKILL)  # the build and its workers, mid-way
+    try:
+        os.killpg(build.pid, signal.SIGKILL)  # the build and its workers, mid-way
+    except ProcessLookupError:
+        pass  # it finished first: the assertion below reports that
     build.wait()
     finished = sorted(out.glob("*.stats.json"))
     assert finished and not (out / "dataset.json").exists(), "the kill must land before the build finished"
