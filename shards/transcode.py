@@ -1,11 +1,14 @@
 """Convert one sample's media to shard members, and prove every encoded member decodes.
 
-A sample costs at most three ffmpeg launches whatever its modalities: one decodes every ffmpeg input
-(video, depth video, audio, the audio track of a video file) to raw arrays, one encodes every video and
-FLAC member, and one decodes H.264 and FLAC members back as the decode check. VP9 and MJPEG members are
-decode-checked in-process by DALI's own CPU video decoder (the one the training loader uses), so the
-common case (VP9 + WAV) costs two launches. Frame and sample selection happens in numpy between them;
-depth images (Pillow), features (.npy) and WAV need no ffmpeg at all.
+With PyAV installed a VP9/H.264 + WAV/FLAC sample costs no process launch at all: every source (video,
+depth video, audio, the audio track of a video file) is decoded in-process through the same libavfilter
+chain the ffmpeg CLI would run (fps, scale, crop/pad, frame range), frames and samples are selected in
+numpy, video and FLAC members are encoded in-process with PyAV (the same FFmpeg encoders, without the
+~40-150 ms start of a process per call), and every encoded member is decode-checked in-process: VP9 and
+MJPEG by DALI's own CPU video decoder (the one the training loader uses), H.264 and FLAC by PyAV. MJPEG is
+encoded by one ffmpeg launch (its -q:v is a CLI feature). Without PyAV, decoding, encoding and checks fall
+back to ffmpeg launches (at most three per sample, each batching all of the sample's inputs or outputs).
+Depth images (Pillow), features (.npy) and WAV need no ffmpeg at all.
 """
 from __future__ import annotations
 
@@ -176,9 +179,9 @@ def convert_media(values: dict[str, tuple[str, Path | str]], *, video: VideoSett
             except TranscodeError as error:
                 raise TranscodeError(error.reason, name) from None
         _run_jobs(encode_jobs)
-        _check_stage(encode_jobs, work, video=video, audio=audio)
         for job in encode_jobs:
             work.members[job.target.name] = job.target.read_bytes()
+        _check_stage(work, video=video, audio=audio)
         return {member: work.members[member] for member in _member_order(values, work.members)}
 
 
@@ -202,6 +205,85 @@ def _check_source(name: str, kind: str, value: Path | str | FrameRange) -> None:
 
 
 def _decode_stage(values: dict, work: _SampleWork, *, video: VideoSettings, audio: AudioSettings) -> dict:
+    """Decode every ffmpeg-read input; return name -> decoded numpy array.
+
+    In-process with PyAV (libavfilter runs the same filter chain as the CLI would); without PyAV, all
+    inputs of the sample in one ffmpeg launch.
+    """
+    try:
+        import av
+    except ImportError:
+        return _decode_with_cli(values, work, video=video, audio=audio)
+    decoded = {}
+    for name, (kind, value) in values.items():
+        try:
+            if kind in ("video", "depth") and not _is_image_sequence(value):
+                pixel_format = "rgb24" if kind == "video" else "gray16le"
+                decoded[name] = _pyav_video(av, _path_of(value), _range_filter(value) + _video_filter(video),
+                                            pixel_format, video)
+            elif kind == "audio":
+                decoded[name] = _pyav_audio(av, value, audio.sample_rate)
+        except (av.error.FFmpegError, ValueError) as error:
+            raise TranscodeError(_pyav_reason(error), name) from None
+    return decoded
+
+
+def _pyav_reason(error: Exception) -> str:
+    """PyAV's message without the errno prefix, e.g. 'Invalid data found when processing input: 'x.mp4''."""
+    return re.sub(r"^\[Errno -?\d+\] ", "", str(error)) or type(error).__name__
+
+
+def _pyav_video(av, path: Path, chain: str, pixel_format: str, video: VideoSettings) -> np.ndarray:
+    """All frames of the first video stream through `chain` (comma-separated filters), as one array."""
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_count = 1
+        graph = av.filter.Graph()
+        nodes = [graph.add_buffer(template=stream)]
+        for piece in chain.split(","):
+            name, _, arguments = piece.partition("=")
+            nodes.append(graph.add(name, arguments))
+        nodes += [graph.add("format", pixel_format), graph.add("buffersink")]
+        for source, target in zip(nodes, nodes[1:]):
+            source.link_to(target)
+        graph.configure()
+        frames: list[np.ndarray] = []
+        for frame in container.decode(stream):
+            if not _push(av, graph, frame, frames):
+                break  # trim has passed the frame range: the rest need not be decoded
+        _push(av, graph, None, frames)
+    shape = (video.height, video.width, 3) if pixel_format == "rgb24" else (video.height, video.width)
+    return np.stack(frames) if frames else np.zeros((0, *shape), dtype=np.uint8)
+
+
+def _push(av, graph, frame, frames: list) -> bool:
+    """Feed one frame (None = end) and collect every frame the graph has ready; False once it has ended."""
+    try:
+        graph.push(frame)
+    except av.error.EOFError:
+        return False
+    while True:
+        try:
+            frames.append(graph.pull().to_ndarray())
+        except (av.error.BlockingIOError, av.error.EOFError):
+            return True
+
+
+def _pyav_audio(av, path: Path, sample_rate: int) -> np.ndarray:
+    """The first audio stream, mono float32 at `sample_rate` (the audio track of a video file included)."""
+    with av.open(str(path)) as container:
+        if not container.streams.audio:
+            raise ValueError(f"{path} has no audio stream")
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        parts = [out.to_ndarray().reshape(-1) for frame in container.decode(container.streams.audio[0])
+                 for out in resampler.resample(frame)]
+        parts += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, dtype=np.float32)
+
+
+def _decode_with_cli(values: dict, work: _SampleWork, *, video: VideoSettings, audio: AudioSettings) -> dict:
     """Decode every ffmpeg-read input in one launch; return name -> decoded numpy array."""
     jobs = []
     for name, (kind, value) in values.items():
@@ -259,7 +341,11 @@ def _prepare_member(name: str, kind: str, value, decoded: dict, work: _SampleWor
                                                       stride=video.stride)]
         else:
             chosen = _rgb_image_frames(value, video)
-        return [_video_encode_job(name, chosen, work, video)]
+        encoded = _encode_video_in_process(chosen, video)
+        if encoded is None:
+            return [_video_encode_job(name, chosen, work, video)]
+        work.members[f"{name}.{video_extension(video.codec)}"] = encoded
+        return []
     if kind == "audio":
         return _audio_member(name, decoded[name], work, audio)
     if kind == "depth":
@@ -291,6 +377,10 @@ def _audio_member(name: str, decoded: np.ndarray, work: _SampleWork, audio: Audi
     if audio.format == "wav":
         work.members[f"{name}.wav"] = _wav_bytes(pcm, sample_rate=audio.sample_rate)
         return []
+    encoded = _encode_flac_in_process(pcm, audio.sample_rate)
+    if encoded is not None:
+        work.members[f"{name}.flac"] = encoded
+        return []
     source = work.folder / f"{name}.pcm"
     source.write_bytes(pcm.tobytes())
     return [_Job(name, ("-f", "s16le", "-ar", str(audio.sample_rate), "-ac", "1", "-i", str(source)),
@@ -312,36 +402,136 @@ def _fit_audio(decoded: np.ndarray, audio: AudioSettings) -> np.ndarray:
     return fitted
 
 
-def _check_stage(jobs: list[_Job], work: _SampleWork, *, video: VideoSettings, audio: AudioSettings) -> None:
-    """Decode every encoded member once more: a sample the loaders cannot decode never reaches a shard."""
-    checks, expected = [], {}
-    for job in jobs:
-        if job.target.suffix in (".webm", ".avi") and _check_with_dali(job, video):
+def _check_stage(work: _SampleWork, *, video: VideoSettings, audio: AudioSettings) -> None:
+    """Decode every encoded member once more: a sample the loaders cannot decode never reaches a shard.
+
+    VP9/MJPEG go through DALI's CPU decoder, H.264 and FLAC through PyAV, all in this process; without
+    them, one ffmpeg launch decodes the rest.
+    """
+    jobs, expected = [], {}
+    for member, data in work.members.items():
+        modality, extension = member.split(".", 1)
+        if extension not in ("webm", "avi", "mp4", "flac"):
             continue
-        target = work.folder / f"{job.target.name}.check"
-        if job.target.suffix == ".flac":
-            checks.append(_Job(job.modality, ("-i", str(job.target)), ["-map", "{input}:a:0", "-f", "s16le"], target))
+        if extension in ("webm", "avi") and _check_with_dali(modality, data, video):
+            continue
+        if _check_with_pyav(modality, member, data, video=video, audio=audio):
+            continue
+        source, target = work.folder / member, work.folder / f"{member}.check"
+        source.write_bytes(data)
+        if extension == "flac":
+            jobs.append(_Job(modality, ("-i", str(source)), ["-map", "{input}:a:0", "-f", "s16le"], target))
             expected[target] = (audio.samples * 2, f"{audio.samples} audio samples")
         else:
-            checks.append(_Job(job.modality, ("-i", str(job.target)),
-                               ["-map", "{input}:v:0", "-f", "rawvideo", "-pix_fmt", "gray"], target))
+            jobs.append(_Job(modality, ("-i", str(source)),
+                             ["-map", "{input}:v:0", "-f", "rawvideo", "-pix_fmt", "gray"], target))
             expected[target] = (video.frames * video.height * video.width,
                                 f"{video.frames} frames of {video.height}x{video.width}")
     try:
-        _run_jobs(checks)
+        _run_jobs(jobs)
     except TranscodeError as error:
         raise TranscodeError(f"encoded member does not decode: {error.reason}", error.modality) from None
-    for check in checks:
-        size, words = expected[check.target]
-        if check.target.stat().st_size != size:
-            raise TranscodeError(f"encoded {check.target.stem.removesuffix('.check')} decodes to "
-                                 f"{check.target.stat().st_size} bytes, expected {words}", check.modality)
+    for job in jobs:
+        size, words = expected[job.target]
+        if job.target.stat().st_size != size:
+            raise TranscodeError(f"encoded {job.target.stem} decodes to {job.target.stat().st_size} bytes, "
+                                 f"expected {words}", job.modality)
+
+
+def _check_with_pyav(modality: str, member: str, data: bytes, *, video: VideoSettings,
+                     audio: AudioSettings) -> bool:
+    """Decode a member fully with PyAV; False when PyAV is unavailable."""
+    try:
+        import av
+    except ImportError:
+        return False
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if member.endswith(".flac"):
+                count = sum(frame.samples for frame in container.decode(audio=0))
+                found, wanted = count, audio.samples
+            else:
+                frames = [(frame.height, frame.width) for frame in container.decode(video=0)]
+                found = (len(frames), *(frames[0] if frames else (0, 0)))
+                wanted = (video.frames, video.height, video.width)
+    except (av.error.FFmpegError, ValueError, IndexError) as error:
+        raise TranscodeError(f"encoded {member} does not decode: {error}", modality) from None
+    if found != wanted:
+        raise TranscodeError(f"encoded {member} decodes to {found}, expected {wanted}", modality)
+    return True
+
+
+# PyAV encoder settings per codec, the same as VIDEO_CODECS' command-line options. MJPEG stays with the
+# CLI: its `-q:v` is applied by the ffmpeg tool to every frame, which PyAV does not expose.
+PYAV_VIDEO = {
+    "vp9": ("libvpx-vp9", "yuv420p", {"deadline": "realtime", "cpu-used": "8", "crf": "32", "b": "0"}, {}),
+    "h264": ("libx264", "yuv420p", {"sc_threshold": "0"}, {"movflags": "+faststart"}),
+}
+
+
+def _encode_video_in_process(chosen: np.ndarray, video: VideoSettings) -> bytes | None:
+    """(T, H, W, 3) uint8 frames encoded with PyAV (bit-exact, one thread); None when PyAV is unavailable."""
+    try:
+        import av
+    except ImportError:
+        return None
+    if video.codec not in PYAV_VIDEO:
+        return None
+    codec, pixel_format, options, container_options = PYAV_VIDEO[video.codec]
+    if "movflags" not in container_options:
+        buffer = io.BytesIO()
+        _pyav_encode(av, buffer, chosen, video, codec, pixel_format, options, container_options)
+        return buffer.getvalue()
+    # +faststart rewrites the file to move the index in front: it needs a real file, not a buffer.
+    with tempfile.TemporaryDirectory(prefix="cotrain-encode-") as folder:
+        target = Path(folder, f"clip.{video_extension(video.codec)}")
+        _pyav_encode(av, str(target), chosen, video, codec, pixel_format, options, container_options)
+        return target.read_bytes()
+
+
+def _pyav_encode(av, target, chosen: np.ndarray, video: VideoSettings, codec: str, pixel_format: str,
+                 options: dict, container_options: dict) -> None:
+    with av.open(target, "w", format=VIDEO_CODECS[video.codec]["options"][1],
+                 container_options={"fflags": "+bitexact", **container_options}) as container:
+        stream = container.add_stream(codec, rate=_fraction(video.fps))
+        stream.width, stream.height, stream.pix_fmt = video.width, video.height, pixel_format
+        stream.thread_count = 1
+        stream.options = {"g": str(video.gop), "keyint_min": str(video.gop), **options}
+        for frame in chosen:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _encode_flac_in_process(pcm: np.ndarray, sample_rate: int) -> bytes | None:
+    """Mono 16-bit samples as FLAC bytes via PyAV; None when PyAV is unavailable."""
+    try:
+        import av
+    except ImportError:
+        return None
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="flac", container_options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream("flac", rate=sample_rate, layout="mono")
+        stream.format = "s16"
+        stream.thread_count = 1
+        size = stream.codec_context.frame_size or 4608
+        for start in range(0, len(pcm), size):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm[None, start:start + size]), format="s16",
+                                               layout="mono")
+            frame.sample_rate, frame.pts = sample_rate, start
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def _fraction(value: float):
+    from fractions import Fraction
+    return Fraction(value).limit_denominator(1001)
 
 
 _dali_checker: dict = {}
 
 
-def _check_with_dali(job: _Job, video: VideoSettings) -> bool:
+def _check_with_dali(modality: str, data: bytes, video: VideoSettings) -> bool:
     """Decode a VP9/MJPEG member with DALI's CPU decoder in this process; False when DALI is unavailable.
 
     One small pipeline per worker process, rebuilt after a failure (DALI invalidates a pipeline that
@@ -352,16 +542,16 @@ def _check_with_dali(job: _Job, video: VideoSettings) -> bool:
     except ImportError:
         return False
     try:
-        pipe.feed_input("encoded", [np.frombuffer(job.target.read_bytes(), dtype=np.uint8)])
+        pipe.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8)])
         (frames,) = pipe.run()
         shape = tuple(np.array(frames.at(0)).shape)
     except RuntimeError as error:
         _dali_checker.clear()
         raise TranscodeError(f"encoded member does not decode in DALI: {str(error).splitlines()[-1][:200]}",
-                             job.modality) from None
+                             modality) from None
     if shape != (video.frames, video.height, video.width, 3):
-        raise TranscodeError(f"encoded {job.target.name} decodes to frames of shape {shape}, expected "
-                             f"{(video.frames, video.height, video.width, 3)}", job.modality)
+        raise TranscodeError(f"encoded {modality} decodes to frames of shape {shape}, expected "
+                             f"{(video.frames, video.height, video.width, 3)}", modality)
     return True
 
 

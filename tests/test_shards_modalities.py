@@ -183,16 +183,15 @@ def test_keyframe_interval_is_applied(synthetic_manifest, tmp_path):
 
 
 def test_in_process_dali_check_rejects_an_undecodable_member_and_recovers(tmp_path, synthetic_manifest):
-    from shards.transcode import TranscodeError, VideoSettings, _check_with_dali, _Job
-    broken = tmp_path / "rgb.webm"
-    broken.write_bytes(b"\x1aE\xdf\xa3" + b"garbage" * 50)
+    from shards.transcode import TranscodeError, VideoSettings, _check_with_dali
+    broken = b"\x1aE\xdf\xa3" + b"garbage" * 50
     settings = VideoSettings(fps=8, frames=8, height=32, width=32)
     with pytest.raises(TranscodeError, match="does not decode in DALI") as error:
-        _check_with_dali(_Job("rgb", (), [], broken), settings)
+        _check_with_dali("rgb", broken, settings)
     assert error.value.modality == "rgb"
     good = tmp_path / "good.webm"  # the checker is rebuilt after a failure and accepts a good member
     subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=32x32:rate=8", "-frames:v", "8",
                     "-c:v", "libvpx-vp9", "-pix_fmt", "yuv420p", str(good)], check=True)
-    assert _check_with_dali(_Job("rgb", (), [], good), settings)
+    assert _check_with_dali("rgb", good.read_bytes(), settings)
     with pytest.raises(TranscodeError, match=r"shape \(8, 32, 32, 3\), expected \(4, 32, 32, 3\)"):
-        _check_with_dali(_Job("rgb", (), [], good), VideoSettings(fps=8, frames=4, height=32, width=32))
+        _check_with_dali("rgb", good.read_bytes(), VideoSettings(fps=8, frames=4, height=32, width=32))
