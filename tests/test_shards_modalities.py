@@ -2,6 +2,7 @@
 import io
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +196,27 @@ def test_in_process_dali_check_rejects_an_undecodable_member_and_recovers(tmp_pa
     assert _check_with_dali("rgb", good.read_bytes(), settings)
     with pytest.raises(TranscodeError, match=r"shape \(8, 32, 32, 3\), expected \(4, 32, 32, 3\)"):
         _check_with_dali("rgb", good.read_bytes(), VideoSettings(fps=8, frames=4, height=32, width=32))
+
+
+@pytest.mark.parametrize("codec", ["vp9", "h264"])
+def test_without_pyav_the_ffmpeg_cli_path_makes_the_same_members(synthetic_manifest, monkeypatch, codec):
+    from shards.transcode import AudioSettings, VideoSettings, convert_media
+    from shards.verify import decode_member
+    record = json.loads(synthetic_manifest.read_text().splitlines()[0])
+    values = {"rgb": ("video", synthetic_manifest.parent / record["rgb"]),
+              "audio": ("audio", synthetic_manifest.parent / record["audio"])}
+    settings = dict(video=VideoSettings(fps=8, frames=6, height=16, width=24, codec=codec),
+                    audio=AudioSettings(sample_rate=8000, samples=8000, format="flac"),
+                    depth={}, features={}, tokenizer=None, max_tokens=4)
+    with_pyav = convert_media(values, **settings)
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
+    with_cli = convert_media(values, **settings)
+    assert list(with_pyav) == list(with_cli) == [f"rgb.{'webm' if codec == 'vp9' else 'mp4'}", "audio.flac"]
+    spec = {"kind": "video", "frames": 6, "height": 16, "width": 24}
+    for members in (with_pyav, with_cli):
+        assert decode_member(members[list(members)[0]], spec).shape == (6, 16, 24, 3)
+        audio = decode_member(members["audio.flac"], {"kind": "audio", "format": "flac", "samples": 8000})
+        assert audio.shape == (8000,)
+    cli_audio = decode_member(with_cli["audio.flac"], {"kind": "audio", "format": "flac", "samples": 8000})
+    pyav_audio = decode_member(with_pyav["audio.flac"], {"kind": "audio", "format": "flac", "samples": 8000})
+    assert np.abs(cli_audio.astype(int) - pyav_audio.astype(int)).max() <= 2  # two resampler builds, same signal
