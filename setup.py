@@ -23,6 +23,10 @@ setup(
         "tokenizers>=0.15",
         # Progress bars on long shard builds and training.
         "tqdm",
+        # In-process encoding and decode checks of shard members (issue #3): each ffmpeg CLI launch
+        # costs ~40-150 ms of start-up, more than encoding a whole clip; PyAV runs the same FFmpeg
+        # encoders inside the worker. The CLI (ffmpeg-python) still decodes the sources.
+        "av>=12",
     ],
     extras_require={"test": ["pytest>=7"]},
     entry_points={"console_scripts": ["cotrain=ops.cli:main"]},

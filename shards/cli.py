@@ -10,7 +10,8 @@ import click
 from shards.build import BuildError, build_shards
 from shards.manifest import ManifestError
 from shards.synth import write_synthetic_corpus
-from shards.transcode import VIDEO_CODECS
+from shards.manifest import LABEL_TYPES
+from shards.transcode import AUDIO_FORMATS, FRAME_POLICIES, RESIZE_POLICIES, VIDEO_CODECS
 
 __all__ = ["shards_group"]
 
@@ -37,31 +38,63 @@ def synth_command(out: Path, count: int, seed: int, classes: int, workers: int) 
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Shard directory to write.")
 @click.option("--modality", "modalities", multiple=True, metavar="NAME=KIND",
-              help="Fix a modality's kind (video, audio, text) instead of inferring it; repeatable.")
+              help="Fix a modality's kind (video, audio, text, depth, features) instead of inferring it; "
+                   "repeatable (see docs/formats.md for what is inferred).")
+@click.option("--label-type", type=click.Choice(LABEL_TYPES), default=None,
+              help="Label type instead of inferring it (a list of ints is multilabel unless 'regression').")
 @click.option("--codec", type=click.Choice(list(VIDEO_CODECS)), default="vp9", show_default=True,
               help="Video codec of the stored members (DALI's CPU decoder reads vp9 and mjpeg).")
 @click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=8, show_default=True)
 @click.option("--frames", type=click.IntRange(min=1), default=8, show_default=True, help="Frames per clip.")
+@click.option("--frame-policy", type=click.Choice(FRAME_POLICIES), default="uniform", show_default=True,
+              help="uniform: frames spread over the whole clip; stride: a centred window, --stride frames apart.")
+@click.option("--stride", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--resize", type=click.Choice(RESIZE_POLICIES), default="crop", show_default=True,
+              help="crop: scale to cover and cut the centre; pad: scale to fit and pad with black.")
+@click.option("--keyint", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Keyframe interval in frames (0: one keyframe per clip).")
 @click.option("--size", metavar="HxW", help="Frame size, e.g. 32x32 (or use --height and --width).")
 @click.option("--height", type=click.IntRange(min=2), help="Frame height [default: 32].")
 @click.option("--width", type=click.IntRange(min=2), help="Frame width [default: 32].")
 @click.option("--sample-rate", type=click.IntRange(min=1), default=16000, show_default=True)
 @click.option("--audio-seconds", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--audio-format", type=click.Choice(AUDIO_FORMATS), default="wav", show_default=True)
+@click.option("--audio-fit", type=click.Choice(["start", "centre"]), default="start", show_default=True,
+              help="Which part of longer audio is kept (and where shorter audio is zero-padded).")
+@click.option("--feature-frames", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Longest stored features sequence (longer ones keep their first frames).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--max-shard-samples", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--max-shard-bytes", type=click.IntRange(min=10240), default=None,
+              help="Roll over before a shard would exceed this size.")
+@click.option("--max-reject-fraction", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+              help="Fail the build when more than this fraction of samples is rejected.")
+@click.option("--resume", is_flag=True, help="Keep the finished shards of an interrupted build and do the rest.")
+@click.option("--part", metavar="I/N", default=None, help="Build only part I of N (0-based); see `merge`.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the within-split shuffle.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Conversion processes.")
 def build_command(manifest: Path, out: Path, modalities: tuple[str, ...], size: str | None,
-                  height: int | None, width: int | None, fps: float, **options) -> None:
-    """Validate MANIFEST, convert every sample and write shards, indexes and dataset.json into --out."""
+                  height: int | None, width: int | None, fps: float, part: str | None, **options) -> None:
+    """Validate MANIFEST (JSON Lines, or CSV by its .csv suffix), convert every sample and write shards,
+    indexes and dataset.json into --out."""
     height, width = _frame_size(size, height, width)
     started = time.monotonic()
     try:
         description = build_shards(manifest, out=out, modality_kinds=_parse_modalities(modalities),
-                                   height=height, width=width, fps=_whole_if_integral(fps), **options)
+                                   height=height, width=width, fps=_whole_if_integral(fps),
+                                   part=_parse_part(part), **options)
     except (ManifestError, BuildError) as error:
         raise click.ClickException(str(error)) from None
     click.echo(_summary(description, out, seconds=time.monotonic() - started))
+
+
+def _parse_part(part: str | None) -> tuple[int, int] | None:
+    if part is None:
+        return None
+    match = re.fullmatch(r"(\d+)/(\d+)", part)
+    if not match or not int(match[1]) < int(match[2]):
+        raise click.BadParameter(f"{part!r} is not I/N with 0 <= I < N, e.g. 0/4.", param_hint="--part")
+    return int(match[1]), int(match[2])
 
 
 def _parse_modalities(modalities: tuple[str, ...]) -> dict[str, str]:
@@ -99,3 +132,68 @@ def _summary(description: dict, out: Path, *, seconds: float) -> str:
     return (f"Built {sum(split['samples'] for split in splits.values())} samples ({per_split}) into "
             f"{len(shards)} shards ({megabytes:.1f} MB) in {seconds:.1f} s; {description['rejects']} rejected "
             f"(see {out / 'rejects.jsonl'}). Dataset description: {out / 'dataset.json'}.")
+
+
+@shards_group.command("verify")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--full", is_flag=True, help="Decode every sample (default: the first sample of each shard).")
+def verify_command(folder: Path, full: bool) -> None:
+    """Re-hash every shard against dataset.json, check each index against its tar, decode samples."""
+    from shards.verify import verify_shards
+    problems = verify_shards(folder, full=full)
+    for problem in problems:
+        click.echo(problem, err=True)
+    if problems:
+        raise click.ClickException(f"{len(problems)} problem(s) in {folder}.")
+    click.echo(f"{folder}: every shard matches dataset.json ({'all samples' if full else 'first samples'} decoded).")
+
+
+@shards_group.command("inspect")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--key", default=None, help="Write this sample's members and decoded media to --out.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for --key's files [default: ./<key>].")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect_command(folder: Path, key: str | None, out: Path | None, as_json: bool) -> None:
+    """Samples per split and class, stored durations, bytes and modality coverage; or export one sample."""
+    import json
+    from shards.summary import export_sample, format_summary, summarize_shards
+    if key is not None:
+        try:
+            written = export_sample(folder, key, out or Path(key))
+        except KeyError as error:
+            raise click.ClickException(error.args[0]) from None
+        click.echo("\n".join(str(path) for path in written))
+        return
+    summary = summarize_shards(folder)
+    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
+@shards_group.command("merge")
+@click.argument("parts", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def merge_command(parts: tuple[Path, ...], out: Path) -> None:
+    """Join the PARTS of a `build --part I/N` into one shard directory with contiguous shard numbers."""
+    from shards.merge import merge_parts
+    try:
+        description = merge_parts(list(parts), out=out)
+    except BuildError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(_summary(description, out, seconds=0).replace(" in 0.0 s", ""))
+
+
+@shards_group.command("manifest")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--format", "dataset", type=click.Choice(["egogesture", "nvgesture", "ravdess", "cmu-mosei"]),
+              required=True, help="The dataset whose publisher's layout ROOT holds.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def manifest_command(root: Path, dataset: str, out: Path) -> None:
+    """Write a manifest (with the dataset's standard split) for the dataset under ROOT."""
+    from collections import Counter
+    from shards.adapters import AdapterError, write_manifest
+    try:
+        records = write_manifest(dataset, root, out)
+    except AdapterError as error:
+        raise click.ClickException(str(error)) from None
+    splits = Counter(record["split"] for record in records)
+    click.echo(f"Wrote {len(records)} samples ({', '.join(f'{k} {v}' for k, v in splits.items())}) to {out}.")

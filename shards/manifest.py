@@ -1,6 +1,7 @@
-"""Read and validate a corpus manifest (JSON Lines) before any conversion work starts."""
+"""Read and validate a corpus manifest (JSON Lines or CSV) before any conversion work starts."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -9,16 +10,21 @@ from pathlib import Path
 
 __all__ = [
     "AUDIO_EXTENSIONS",
+    "IMAGE_EXTENSIONS",
+    "LABEL_TYPES",
     "KINDS",
     "Manifest",
     "ManifestError",
     "ManifestSample",
+    "FrameRange",
     "VIDEO_EXTENSIONS",
     "infer_kind",
     "read_manifest",
 ]
 
-KINDS = ("video", "audio", "text")
+KINDS = ("video", "audio", "text", "depth", "features")
+LABEL_TYPES = ("class", "regression", "multilabel")
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg"})
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv"})
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac", ".opus"})
 RESERVED_FIELDS = ("key", "split", "label")
@@ -27,6 +33,22 @@ RESERVED_FIELDS = ("key", "split", "label")
 # dots, spaces and slashes silently corrupt samples there.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 MODALITY_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+RANGE_SUFFIX = re.compile(r"@(\d+)-(\d+)$")
+
+
+@dataclass(frozen=True)
+class FrameRange:
+    """A video file or image sequence restricted to frames `start`..`end` (1-based, inclusive), written
+    `path@START-END` in a manifest (EgoGesture and NVGesture annotate gestures as frame ranges)."""
+
+    path: Path
+    start: int
+    end: int
+
+    def __str__(self) -> str:
+        return f"{self.path}@{self.start}-{self.end}"
 
 
 class ManifestError(ValueError):
@@ -39,23 +61,42 @@ class ManifestSample:
 
     key: str
     split: str
-    label: int
+    label: int | float | list  # class id, regression value(s) or multi-label ids (see Manifest.label)
     line: int
     values: dict[str, Path | str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Manifest:
-    """All samples of a manifest and the kind (video, audio, text) of each modality, in first-seen order."""
+    """All samples of a manifest, the kind of each modality (first-seen order) and the label description.
+
+    `label` is dataset.json's "label" object (docs/formats.md), e.g. {"type": "class", "num_classes": 6,
+    "names": None}.
+    """
 
     path: Path
     samples: list[ManifestSample]
     kinds: dict[str, str]
+    label: dict = field(default_factory=dict)
 
 
-def infer_kind(value: str) -> str:
-    """The modality kind a value implies: video or audio by file extension, otherwise text."""
+def infer_kind(value: str, name: str = "") -> str:
+    """The modality kind a value (of the field `name`) implies.
+
+    A video file or a folder (`dir/`) or glob pattern of images (`dir/*.png`), optionally with a frame
+    range `@START-END`, is video, or depth when the field's name contains "depth"; a video file in a field
+    whose name contains "audio" is audio (its audio track). Otherwise: audio by extension, features for
+    `.npy`, text for anything else. `--modality NAME=KIND` overrides all of this.
+    """
+    value = RANGE_SUFFIX.sub("", value)
     suffix = os.path.splitext(value)[1].lower()
+    images = value.endswith("/") or (any(c in value for c in "*?[") and suffix in IMAGE_EXTENSIONS)
+    if images or suffix in VIDEO_EXTENSIONS:
+        if "depth" in name.lower():
+            return "depth"
+        return "audio" if "audio" in name.lower() and not images else "video"
+    if suffix == ".npy":
+        return "features"
     if suffix in VIDEO_EXTENSIONS:
         return "video"
     if suffix in AUDIO_EXTENSIONS:
@@ -63,21 +104,56 @@ def infer_kind(value: str) -> str:
     return "text"
 
 
-def read_manifest(path: Path | str, *, modality_kinds: dict[str, str] | None = None) -> Manifest:
-    """Parse and validate `path`; raise ManifestError on the first structural problem.
+def read_manifest(path: Path | str, *, modality_kinds: dict[str, str] | None = None,
+                  label_type: str | None = None) -> Manifest:
+    """Parse and validate `path` (`.csv` is CSV, anything else JSON Lines); raise ManifestError on the
+    first structural problem. `label_type` fixes the label type instead of inferring it.
 
     Missing media files are not structural: they become per-sample rejects during conversion.
     """
     path = Path(path)
     forced_kinds = _check_forced_kinds(modality_kinds or {})
-    records = list(_read_json_lines(path))
+    if label_type is not None and label_type not in LABEL_TYPES:
+        raise ManifestError(f"--label-type {label_type}: unknown; use one of {', '.join(LABEL_TYPES)}.")
+    records = list(_read_csv(path) if path.suffix.lower() == ".csv" else _read_json_lines(path))
     if not records:
         raise ManifestError(f"{path}: the manifest has no samples; add one JSON object per line.")
     kinds = _decide_kinds(records, forced_kinds)
     _check_forced_names_exist(forced_kinds, kinds)
     samples = [_build_sample(line, record, kinds, path.parent) for line, record in records]
     _check_unique_keys(samples)
-    return Manifest(path=path, samples=samples, kinds=kinds)
+    samples, label = encode_labels(samples, label_type=label_type)
+    return Manifest(path=path, samples=samples, kinds=kinds, label=label)
+
+
+def _read_csv(path: Path):
+    """Yield (line number, object) per CSV row; empty cells are null, labels parsed by `_csv_label`."""
+    with open(path, encoding="utf-8", newline="") as rows:
+        reader = csv.reader(rows)
+        header = next(reader, None)
+        if header is None:
+            return
+        header = [name.strip() for name in header]
+        line = reader.line_num + 1
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                if len(row) != len(header):
+                    raise ManifestError(f"line {line}: {len(row)} cells but the header (line 1) has "
+                                        f"{len(header)}; quote cells that contain commas.")
+                record = {name: (cell if cell != "" else None) for name, cell in zip(header, row)}
+                if record.get("label") is not None:
+                    record["label"] = _csv_label(record["label"])
+                yield line, record
+            line = reader.line_num + 1
+
+
+def _csv_label(cell: str):
+    """A CSV label cell: a JSON number or list (`3`, `0.5`, `[1, 4]`), otherwise a class name."""
+    try:
+        value = json.loads(cell)
+    except json.JSONDecodeError:
+        return cell.strip()
+    return value if isinstance(value, (int, float, list)) and not isinstance(value, bool) else cell.strip()
 
 
 def _check_forced_kinds(modality_kinds: dict[str, str]) -> dict[str, str]:
@@ -132,9 +208,9 @@ def _decide_kinds(records: list[tuple[int, dict]], forced_kinds: dict[str, str])
                 kinds.setdefault(name, forced_kinds[name])
             elif value is not None:
                 _check_value_type(name, value, line)
-                _check_consistent_kind(name, infer_kind(value), kinds, decided_at, line)
+                _check_consistent_kind(name, infer_kind(value, name), kinds, decided_at, line)
                 decided_at.setdefault(name, line)
-                kinds.setdefault(name, infer_kind(value))
+                kinds.setdefault(name, infer_kind(value, name))
     return kinds
 
 
@@ -174,7 +250,7 @@ def _build_sample(line: int, record: dict, kinds: dict[str, str], root: Path) ->
     return ManifestSample(key=key, split=split, label=label, line=line, values=values)
 
 
-def _required_fields(line: int, record: dict) -> tuple[str, str, int]:
+def _required_fields(line: int, record: dict) -> tuple[str, str, object]:
     for name in RESERVED_FIELDS:
         if name not in record:
             raise ManifestError(f"line {line}: missing {name!r}; every line needs key, split and label.")
@@ -185,16 +261,24 @@ def _required_fields(line: int, record: dict) -> tuple[str, str, int]:
                 f"line {line}: {name} {value!r} is invalid; use only letters, digits, '_' and '-' "
                 f"(dots, spaces and slashes corrupt WebDataset samples and shard names)."
             )
-    # bool is an int subclass in Python, but `true` is not a class label.
-    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
-        raise ManifestError(f"line {line}: label {label!r} is invalid; use an integer class >= 0.")
     return key, split, label
 
 
-def _resolve_value(value: str, kind: str, line: int, name: str, root: Path) -> Path | str:
+def _resolve_value(value: str, kind: str, line: int, name: str, root: Path) -> Path | str | FrameRange:
     """Media and .txt values become paths under the manifest's folder; other text stays inline."""
     if kind == "text" and not value.lower().endswith(".txt"):
         return value
+    frame_range = RANGE_SUFFIX.search(value) if kind in ("video", "depth") else None
+    if frame_range:
+        start, end = int(frame_range[1]), int(frame_range[2])
+        if not 1 <= start <= end:
+            raise ManifestError(f"line {line}: field {name!r} frame range @{start}-{end} is invalid; write "
+                                f"@START-END with 1 <= START <= END (1-based, inclusive).")
+        return FrameRange(_resolve_path(value[:frame_range.start()], line, name, root), start, end)
+    return _resolve_path(value, line, name, root)
+
+
+def _resolve_path(value: str, line: int, name: str, root: Path) -> Path:
     if os.path.isabs(value):
         return Path(value)
     # normpath (not resolve) so that symlinked data folders inside the corpus stay allowed.
@@ -217,3 +301,126 @@ def _check_unique_keys(samples: list[ManifestSample]) -> None:
                 f"{first_line[sample.key]}); keys must be unique."
             )
         first_line[sample.key] = sample.line
+
+
+# --- labels ---------------------------------------------------------------------------------------------
+
+def _label_shape(label: object, line: int) -> str:
+    """'int', 'float', 'name', 'list-int', 'list-float' or 'list-name'; anything else is an error."""
+    # bool is an int subclass in Python, but `true` is not a label.
+    if isinstance(label, bool) or label is None or isinstance(label, dict):
+        raise ManifestError(f"line {line}: label {label!r} is invalid; use an integer class >= 0, a class "
+                            f"name, a number (regression) or a list (multi-label ids/names or a vector).")
+    if isinstance(label, list):
+        if not label:
+            return "list-int"  # a multi-label sample with no positive class
+        shapes = {_label_shape(item, line) for item in label}
+        if not shapes <= {"int", "float", "name"} or shapes == {"int", "name"} or shapes == {"float", "name"}:
+            raise ManifestError(f"line {line}: label {label!r} is invalid; a list label holds only class "
+                                f"ids, only class names or only numbers.")
+        return "list-name" if "name" in shapes else ("list-float" if "float" in shapes else "list-int")
+    if isinstance(label, str):
+        return "name"
+    if isinstance(label, float):
+        return "float"
+    if isinstance(label, int):
+        return "int"
+    raise ManifestError(f"line {line}: label {label!r} is invalid ({type(label).__name__}).")
+
+
+# Which label shapes each type accepts; an inferred type is the first whose shapes cover the manifest.
+ACCEPTED_SHAPES = {
+    "class": ({"int"}, {"name"}),
+    "multilabel": ({"list-int"}, {"list-name"}),
+    "regression": ({"int", "float"}, {"list-int", "list-float"}),
+}
+
+
+def encode_labels(samples: list[ManifestSample], *, label_type: str | None = None
+                  ) -> tuple[list[ManifestSample], dict]:
+    """Check every label against one label type and encode it (names -> ids); return the label spec.
+
+    Inference: ints -> class; names -> class (ids in sorted-name order); any float -> regression;
+    lists of ids or names -> multilabel; lists with a float -> regression vectors. Lists of ints are
+    multilabel unless `label_type="regression"`.
+    """
+    shapes = [(_label_shape(sample.label, sample.line), sample) for sample in samples]
+    chosen = label_type or _infer_label_type(shapes)
+    group = _accepted_group(chosen, shapes)
+    if chosen == "regression":
+        return _encode_regression(samples)
+    return _encode_classes(samples, multilabel=chosen == "multilabel", by_name=group == 1)
+
+
+def _infer_label_type(shapes: list[tuple[str, ManifestSample]]) -> str:
+    found = {shape for shape, _ in shapes}
+    if found & {"list-float"} or (found & {"float"} and not found & {"name"}):
+        return "regression"
+    if any(shape.startswith("list") for shape in found):
+        return "multilabel"
+    return "class"
+
+
+def _accepted_group(label_type: str, shapes: list[tuple[str, ManifestSample]]) -> int:
+    """Which of the type's shape groups the first label uses; raise at the first label outside it."""
+    groups = ACCEPTED_SHAPES[label_type]
+    first_shape, first = shapes[0]
+    index = next((i for i, group in enumerate(groups) if first_shape in group), None)
+    if index is None:
+        raise ManifestError(f"line {first.line}: label {first.label!r} is invalid for label type "
+                            f"{label_type!r}; {_LABEL_HELP[label_type]}")
+    for shape, sample in shapes:
+        if shape not in groups[index]:
+            raise ManifestError(
+                f"line {sample.line}: label {sample.label!r} is invalid: it is {_SHAPE_WORDS[shape]}, but line "
+                f"{first.line} made the labels {label_type} with {_SHAPE_WORDS[first_shape]}; use one label "
+                f"form per manifest ({_LABEL_HELP[label_type]}).")
+    return index
+
+
+_SHAPE_WORDS = {"int": "an integer class id", "float": "a number", "name": "a class name",
+                "list-int": "a list of class ids", "list-float": "a list of numbers",
+                "list-name": "a list of class names"}
+_LABEL_HELP = {"class": "give every line an integer class >= 0, or every line a class name",
+               "regression": "give every line a number, or every line a list of D numbers",
+               "multilabel": "give every line a list of class ids >= 0, or every line a list of class names"}
+
+
+def _encode_classes(samples: list[ManifestSample], *, multilabel: bool, by_name: bool
+                    ) -> tuple[list[ManifestSample], dict]:
+    as_list = (lambda label: list(label)) if multilabel else (lambda label: [label])
+    names = sorted({item for sample in samples for item in as_list(sample.label)}) if by_name else None
+    ids = {name: index for index, name in enumerate(names or [])}
+    encoded = []
+    for sample in samples:
+        items = [ids[item] for item in as_list(sample.label)] if by_name else as_list(sample.label)
+        if any(item < 0 for item in items):
+            raise ManifestError(f"line {sample.line}: label {sample.label!r} is invalid; class ids are "
+                                f"integers >= 0.")
+        label = sorted(set(items)) if multilabel else items[0]
+        encoded.append(_with_label(sample, label))
+    count = len(names) if by_name else 1 + max((i for s in encoded for i in as_list(s.label)), default=-1)
+    kind = "multilabel" if multilabel else "class"
+    return encoded, {"type": kind, "num_classes": max(count, 1), "names": names}
+
+
+def _encode_regression(samples: list[ManifestSample]) -> tuple[list[ManifestSample], dict]:
+    first = samples[0]
+    dim = len(first.label) if isinstance(first.label, list) else 1
+    encoded = []
+    for sample in samples:
+        size = len(sample.label) if isinstance(sample.label, list) else 1
+        if size != dim or (isinstance(sample.label, list) != isinstance(first.label, list)):
+            raise ManifestError(f"line {sample.line}: label {sample.label!r} has {size} value(s), but line "
+                                f"{first.line} made regression targets of dimension {dim}; give every line "
+                                f"the same number of values.")
+        values = [float(v) for v in (sample.label if isinstance(sample.label, list) else [sample.label])]
+        if not all(value == value and abs(value) != float("inf") for value in values):
+            raise ManifestError(f"line {sample.line}: label {sample.label!r} is not finite; use real numbers.")
+        encoded.append(_with_label(sample, values if isinstance(first.label, list) else values[0]))
+    return encoded, {"type": "regression", "dim": dim}
+
+
+def _with_label(sample: ManifestSample, label) -> ManifestSample:
+    return ManifestSample(key=sample.key, split=sample.split, label=label, line=sample.line,
+                          values=sample.values)

@@ -91,7 +91,7 @@ def test_splits_and_shards_follow_the_corpus(tiny_shards, synthetic_manifest):
     assert [s["tar"] for s in dataset["splits"]["train"]["shards"]] == [
         "train-000000.tar", "train-000001.tar", "train-000002.tar"]
     assert dataset["rejects"] == 0 and (tiny_shards / "rejects.jsonl").read_text() == ""
-    assert dataset["label"] == {"type": "class", "num_classes": 6}
+    assert dataset["label"] == {"type": "class", "num_classes": 6, "names": None}
     assert not list(tiny_shards.glob("*.tmp"))
 
 

@@ -1,0 +1,117 @@
+"""shards/: label types (class ids, class names, regression, multi-label) and CSV manifests."""
+import json
+
+import pytest
+import webdataset as wds
+
+from shards.build import build_shards
+from shards.manifest import ManifestError, read_manifest
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _labels(manifest):
+    return [sample.label for sample in manifest.samples]
+
+
+def test_class_names_map_to_ids_in_sorted_name_order(tmp_path):
+    manifest = read_manifest(_jsonl(tmp_path / "m.jsonl", [
+        {"key": "a", "split": "train", "label": "sad", "text": "x"},
+        {"key": "b", "split": "train", "label": "angry", "text": "y"},
+        {"key": "c", "split": "val", "label": "sad", "text": "z"}]))
+    assert manifest.label == {"type": "class", "num_classes": 2, "names": ["angry", "sad"]}
+    assert _labels(manifest) == [1, 0, 1]
+
+
+def test_integer_classes_count_up_to_the_largest_id(tmp_path):
+    manifest = read_manifest(_jsonl(tmp_path / "m.jsonl", [
+        {"key": "a", "split": "train", "label": 4, "text": "x"}, {"key": "b", "split": "train", "label": 0, "text": "y"}]))
+    assert manifest.label == {"type": "class", "num_classes": 5, "names": None} and _labels(manifest) == [4, 0]
+
+
+def test_floats_are_regression_and_ints_among_them_become_floats(tmp_path):
+    manifest = read_manifest(_jsonl(tmp_path / "m.jsonl", [
+        {"key": "a", "split": "train", "label": -2.5, "text": "x"}, {"key": "b", "split": "train", "label": 3, "text": "y"}]))
+    assert manifest.label == {"type": "regression", "dim": 1} and _labels(manifest) == [-2.5, 3.0]
+
+
+def test_vectors_are_regression_and_id_lists_multilabel(tmp_path):
+    vectors = read_manifest(_jsonl(tmp_path / "v.jsonl", [
+        {"key": "a", "split": "train", "label": [0.1, 0.2], "text": "x"},
+        {"key": "b", "split": "train", "label": [1, 0.5], "text": "y"}]))
+    assert vectors.label == {"type": "regression", "dim": 2} and _labels(vectors) == [[0.1, 0.2], [1.0, 0.5]]
+    multi = read_manifest(_jsonl(tmp_path / "m.jsonl", [
+        {"key": "a", "split": "train", "label": [3, 1, 3], "text": "x"},
+        {"key": "b", "split": "train", "label": [], "text": "y"}]))
+    assert multi.label == {"type": "multilabel", "num_classes": 4, "names": None} and _labels(multi) == [[1, 3], []]
+    named = read_manifest(_jsonl(tmp_path / "n.jsonl", [
+        {"key": "a", "split": "train", "label": ["dog", "cat"], "text": "x"}]))
+    assert named.label["names"] == ["cat", "dog"] and _labels(named) == [[0, 1]]
+    forced = read_manifest(_jsonl(tmp_path / "f.jsonl", [{"key": "a", "split": "train", "label": [1, 2], "text": "x"}]),
+                           label_type="regression")
+    assert forced.label == {"type": "regression", "dim": 2} and _labels(forced) == [[1.0, 2.0]]
+
+
+@pytest.mark.parametrize("first,bad,message", [
+    (0, "happy", "label 'happy' is invalid: it is a class name, but line 1 made the labels class with an integer class id"),
+    ("happy", 2, "label 2 is invalid: it is an integer class id, but line 1 made the labels class with a class name"),
+    (1.5, [1.0, 2.0], "it is a list of numbers, but line 1 made the labels regression with a number"),
+    ([0.5, 1.5], [0.5], "has 1 value\\(s\\), but line 1 made regression targets of dimension 2"),
+    ([1, 2], 3, "label 3 is invalid: it is an integer class id, but line 1 made the labels multilabel"),
+    (0, {"a": 1}, "label \\{'a': 1\\} is invalid"),
+    (0, None, "label None is invalid"),
+    ([1, 2], [1, "x"], "a list label holds only class ids, only class names or only numbers"),
+    (0.5, float("nan"), "is not finite"),
+])
+def test_wrong_type_labels_name_the_line(tmp_path, first, bad, message):
+    path = _jsonl(tmp_path / "m.jsonl", [{"key": "a", "split": "train", "label": first, "text": "x"},
+                                         {"key": "b", "split": "train", "label": bad, "text": "y"}])
+    with pytest.raises(ManifestError, match=f"line 2: .*{message}"):
+        read_manifest(path)
+
+
+def test_forced_label_type_rejects_other_forms(tmp_path):
+    path = _jsonl(tmp_path / "m.jsonl", [{"key": "a", "split": "train", "label": 1.5, "text": "x"}])
+    with pytest.raises(ManifestError, match="line 1: label 1.5 is invalid for label type 'class'"):
+        read_manifest(path, label_type="class")
+
+
+def test_csv_manifest_reads_like_jsonl_with_empty_cells_as_missing(tmp_path):
+    (tmp_path / "note.txt").write_text("from a file")
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text('key,split,label,text,note\n'
+                        'a,train,happy,"hello, world",note.txt\n'
+                        '\n'
+                        'b,val,sad,,note.txt\n')
+    manifest = read_manifest(csv_path)
+    first, second = manifest.samples
+    assert (first.line, second.line) == (2, 4)
+    assert first.values == {"text": "hello, world", "note": tmp_path / "note.txt"}
+    assert set(second.values) == {"note"} and manifest.label["names"] == ["happy", "sad"]
+
+
+@pytest.mark.parametrize("cell,label", [("3", 3), ("0.25", 0.25), ("[1, 2]", [1, 2])])
+def test_csv_label_cells_are_numbers_or_lists_when_they_parse(tmp_path, cell, label):
+    (tmp_path / "m.csv").write_text(f'key,split,label,text\na,train,"{cell}",x\n')
+    assert read_manifest(tmp_path / "m.csv").samples[0].label == label
+
+
+def test_csv_rows_with_the_wrong_number_of_cells_name_the_line(tmp_path):
+    (tmp_path / "m.csv").write_text("key,split,label,text\na,train,0,x\nb,train,1,x,extra\n")
+    with pytest.raises(ManifestError, match="line 3: 5 cells but the header .* has 4"):
+        read_manifest(tmp_path / "m.csv")
+
+
+def test_label_spec_and_sample_labels_reach_the_shards(tmp_path):
+    manifest = _jsonl(tmp_path / "m.jsonl", [
+        {"key": "a", "split": "train", "label": [0.5, -1.0], "text": "x"},
+        {"key": "b", "split": "train", "label": [2, 3], "text": "y"}])
+    out = tmp_path / "out"
+    dataset = build_shards(manifest, out=out, workers=1, progress=False)
+    assert dataset["label"] == {"type": "regression", "dim": 2}
+    samples = {s["__key__"]: json.loads(s["json"]) for s in wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False)}
+    assert samples["a"]["label"] == [0.5, -1.0] and samples["b"]["label"] == [2.0, 3.0]
+    assert json.loads((out / "dataset.json").read_text())["label"] == dataset["label"]
