@@ -56,24 +56,41 @@ def _split_names(value: str | None) -> list[str]:
 @click.option("--metrics-port", type=int, default=9400, show_default=True,
               help="Prometheus port of local rank 0 (rank r uses port + r); 0 turns it off.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True)
-def train_cmd(shards_dir, out, modalities, mode, epochs, seed, batch_size, lr, alpha, temperature, shared_stages,
+@click.option("--preset", default=None, help="A preset (gesture, emotion, sentiment): encoders, fusion, task, transfer; "
+                                             "--config and the options given here override it.")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="A JSON file of RunConfig fields (e.g. a run's config.json); overrides the preset.")
+@click.option("--students", default=None,
+              help="Comma-separated modalities that get a unimodal branch (default: all); the rest feed only the teacher.")
+@click.option("--feature-weight", type=float, default=None, help="Weight of feature-level transfer (0 = off).")
+@click.option("--attention-weight", type=float, default=None, help="Weight of attention-level transfer (0 = off).")
+@click.pass_context
+def train_cmd(ctx, shards_dir, out, modalities, mode, epochs, seed, batch_size, lr, alpha, temperature, shared_stages,
               transfer_gate, transfer_start, transfer_warmup, stream_loss, late_fusion, detach_streams,
               stream_smoothing,
               modality_dropout, zero_stage, metrics_port,
-              metrics_host, grad_clip) -> None:
+              metrics_host, grad_clip, preset, config_file, students, feature_weight, attention_weight) -> None:
     """Train a run: co-trained (default), one unimodal baseline, or the multimodal baseline."""
     from .config import MetricsConfig, RunConfig
     from .train import train
 
     try:
-        cfg = RunConfig(shards=shards_dir, out=out, mode=mode, modalities=_split_names(modalities), epochs=epochs,
-                        seed=seed, metrics=MetricsConfig(port=metrics_port, host=metrics_host))
-        cfg.loader.batch_size = batch_size
-        cfg.optim.zero_stage = zero_stage
+        if preset or config_file:
+            cfg = _layered_config(ctx, preset, config_file)
+        else:
+            cfg = RunConfig(shards=shards_dir, out=out, mode=mode, modalities=_split_names(modalities), epochs=epochs,
+                            seed=seed, metrics=MetricsConfig(port=metrics_port, host=metrics_host))
+            cfg.loader.batch_size = batch_size
+            cfg.optim.zero_stage = zero_stage
+        if students is not None:
+            cfg.students = _split_names(students)
+        if shared_stages is not None:  # the command line beats a preset's per-modality split points
+            cfg.encoders = {k: {f: v for f, v in e.items() if f != "shared_stages"} for k, e in cfg.encoders.items()}
         _override(cfg, lr=lr, alpha=alpha, temperature=temperature, shared_stages=shared_stages, gate=transfer_gate,
                   start=transfer_start, warmup=transfer_warmup, stream_loss=stream_loss, late_fusion=late_fusion,
                   stream_smoothing=stream_smoothing, detach_streams=detach_streams,
-                  modality_dropout=modality_dropout, grad_clip=grad_clip)
+                  modality_dropout=modality_dropout, grad_clip=grad_clip, feature=feature_weight,
+                  attention=attention_weight)
         train(cfg)
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
@@ -87,13 +104,94 @@ def _override(cfg, **values) -> None:
               "modality_dropout": (cfg.fusion, "modality_dropout"),
               "stream_loss": (cfg.fusion, "stream_loss"), "late_fusion": (cfg.fusion, "late_fusion"),
               "detach_streams": (cfg.fusion, "detach_streams"),
-              "stream_smoothing": (cfg.fusion, "stream_label_smoothing"), "grad_clip": (cfg.optim, "grad_clip")}
+              "stream_smoothing": (cfg.fusion, "stream_label_smoothing"), "grad_clip": (cfg.optim, "grad_clip"),
+              "feature": (cfg.transfer, "feature"), "attention": (cfg.transfer, "attention")}
     for name, value in values.items():
         if value is not None:
             target, attr = fields[name]
             setattr(target, attr, value)
     cfg.optim.__post_init__()
     cfg.transfer.__post_init__()
+
+
+# command-line name -> RunConfig path, for the options that have a default (the rest are None unless given)
+_LAYERED = {"shards_dir": ("shards",), "out": ("out",), "mode": ("mode",), "modalities": ("modalities",),
+            "epochs": ("epochs",), "seed": ("seed",), "batch_size": ("loader", "batch_size"),
+            "zero_stage": ("optim", "zero_stage"), "metrics_port": ("metrics", "port"),
+            "metrics_host": ("metrics", "host")}
+
+
+def _layered_config(ctx, preset: str | None, config_file: str | None):
+    """preset < config file < options given on the command line (the other options' defaults don't count)."""
+    from click.core import ParameterSource
+
+    from model.presets import merge, preset as preset_dict
+
+    from .config import _build, RunConfig
+
+    layers = preset_dict(preset) if preset else {}
+    if config_file:
+        layers = merge(layers, json.loads(open(config_file, encoding="utf-8").read()))
+    for name, path in _LAYERED.items():
+        given = ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+        if given or (path[0] in ("shards", "out")) or _get(layers, path) is None:
+            value = ctx.params[name]
+            value = _split_names(value) if name == "modalities" else value
+            if value is not None:
+                layers = merge(layers, _nest(path, value))
+    return _build(RunConfig, layers)
+
+
+def _get(tree: dict, path: tuple):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _nest(path: tuple, value) -> dict:
+    return {path[0]: value} if len(path) == 1 else {path[0]: _nest(path[1:], value)}
+
+
+@main.command("export")
+@click.option("--run", required=True, type=click.Path(file_okay=False, exists=True), help="A trained run directory.")
+@click.option("--modality", required=True, help="The unimodal branch to ship.")
+@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx", "state_dict"]), default="torchscript",
+              show_default=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write.")
+@click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="The branch's best-validation weights, or the final weights.")
+def export_cmd(run, modality, fmt, output, which) -> None:
+    """Write MODALITY's branch of RUN as a standalone model (shared stages, branch, head; no teacher)."""
+    from model.export import export_run
+
+    try:
+        path = export_run(run, modality, fmt, output, which=which)
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"wrote {path} ({fmt}, {modality})")
+
+
+@main.command("predict")
+@click.argument("model_file", type=click.Path(dir_okay=False, exists=True))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of one line per input.")
+def predict_cmd(model_file, inputs, as_json) -> None:
+    """Run an exported model on raw media files (video, audio, a text file or text, a features .npy)."""
+    from .predict import predict_files
+
+    try:
+        results = predict_files(model_file, list(inputs))
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        shown = r.get("prediction") or r.get("values") or r.get("probabilities")
+        top = "" if "prediction" not in r else f"  p={r['probabilities'][r['prediction']]:.3f}"
+        click.echo(f"{r['input']}: {shown}{top}")
 
 
 @main.command("eval")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from model.cotrain import TEACHER, CoTrainModel, FusionConfig, ModalitySpec
+from model.cotrain import TEACHER, CoTrainModel
+from model.export import model_from_payload
 from pipeline.dali_loader import DaliLoader, LoaderConfig
 from pipeline.dataset import load_dataset_info
 
@@ -20,9 +21,7 @@ BEST_DIR = "best"
 
 def build_run_model(payload: dict) -> CoTrainModel:
     """Rebuild the model a checkpoint payload describes (without weights)."""
-    specs = [ModalitySpec(**s) for s in payload["specs"]]
-    return CoTrainModel(specs, payload["num_classes"], mode=payload["mode"],
-                        fusion=FusionConfig(**payload["fusion"]))
+    return model_from_payload(payload)
 
 
 def load_run(run: str | Path) -> tuple[CoTrainModel, dict]:

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from model.cotrain import ModalitySpec, build_model
-from model.losses import cotrain_losses, total_loss
+from model.objective import step_loss
+from model.presets import modality_specs
 from pipeline.dali_loader import DaliLoader, model_inputs
 from pipeline.dataset import load_dataset_info
 
@@ -25,7 +26,7 @@ __all__ = ["train"]
 
 def _specs(cfg: RunConfig, modalities: dict[str, dict]) -> list[ModalitySpec]:
     shapes = model_inputs(modalities, cfg.loader)
-    return [ModalitySpec(name, m["kind"], shapes[name], cfg.shared_stages) for name, m in modalities.items()]
+    return modality_specs(modalities, shapes, shared_stages=cfg.shared_stages, encoders=cfg.encoders)
 
 
 def _log(rank: int, message: str) -> None:
@@ -70,7 +71,10 @@ class Trainer:
                                  seed=cfg.seed, rank=self.rank, world_size=self.world,
                                  device_id=self.local_rank if self.gpu else None)
         self.specs = _specs(cfg, self.modalities)
-        model = build_model(self.specs, self.info.num_classes, mode=cfg.mode, fusion=cfg.fusion, init_seed=cfg.seed)
+        cfg.task.type = getattr(self.info, "label", {}).get("type", "class")
+        model = build_model(self.specs, self.info.num_classes, mode=cfg.mode, fusion=cfg.fusion, init_seed=cfg.seed,
+                            students=cfg.students or None, task=cfg.task.type,
+                            feature_transfer=cfg.transfer.feature > 0)
         self.total_steps = cfg.epochs * self.loader.steps_per_epoch
         ds_config = deepspeed_config(cfg, total_steps=self.total_steps, bf16=self.gpu)
         self.engine, self.scheduler = build_engine(model, ds_config)
@@ -87,12 +91,9 @@ class Trainer:
         return batch
 
     def _train_step(self, batch) -> tuple[dict[str, float], float]:
-        logits = self.engine(batch.inputs, batch.present)
-        logits = {b: v.float() for b, v in logits.items()}
-        scale = self.cfg.transfer.scale_at(self.step / max(self.total_steps, 1))
-        terms = cotrain_losses(logits, batch.labels, batch.present, self.cfg.transfer, transfer_scale=scale,
-                               stream_label_smoothing=self.cfg.fusion.stream_label_smoothing)
-        loss = total_loss(terms)
+        loss, terms = step_loss(self.engine, batch, transfer=self.cfg.transfer, task=self.cfg.task,
+                                progress=self.step / max(self.total_steps, 1),
+                                stream_label_smoothing=self.cfg.fusion.stream_label_smoothing)
         self.engine.backward(loss)
         self.engine.step()
         self.step += 1
