@@ -24,6 +24,8 @@ setup(
         # Progress bars on long shard builds and training.
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # `cotrain export --format onnx` writes ONNX with onnx and checks/runs it with onnxruntime; the other formats
+    # need neither, so they stay optional.
+    extras_require={"test": ["pytest>=7", "onnx>=1.15", "onnxruntime>=1.17"], "onnx": ["onnx>=1.15", "onnxruntime>=1.17"]},
     entry_points={"console_scripts": ["cotrain=ops.cli:main"]},
 )

@@ -169,9 +169,8 @@ class StudentBranch(nn.Module):
 
 def _first_kept(keep: torch.Tensor) -> torch.Tensor:
     """Keep at least the first token of rows that keep none, so attention never divides by zero (NaN)."""
-    keep = keep.clone()
-    keep[:, 0] |= ~keep.any(dim=1)
-    return keep
+    first = keep[:, :1] | ~keep.any(dim=1, keepdim=True)  # out of place, so the branch exports to ONNX
+    return torch.cat([first, keep[:, 1:]], dim=1)
 
 
 class _CrossAttention(nn.Module):

@@ -206,9 +206,8 @@ def _fix_empty(valid: torch.Tensor | None) -> torch.Tensor | None:
     """A row with no valid token would make attention NaN: let it attend to its first token."""
     if valid is None:
         return None
-    valid = valid.clone()
-    valid[:, 0] |= ~valid.any(dim=1)
-    return valid
+    first = valid[:, :1] | ~valid.any(dim=1, keepdim=True)  # out of place: ONNX has no in-place or
+    return torch.cat([first, valid[:, 1:]], dim=1)
 
 
 class TransformerStage(nn.Module):

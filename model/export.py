@@ -135,7 +135,8 @@ def _export_onnx(model: UnimodalModel, example: tuple, meta: dict, path: Path) -
     steps_axis = {"audio": 2, "text": 1, "features": 1}.get(meta["spec"]["kind"])  # sequences may vary in length
     x_axes = {0: "batch", **({steps_axis: "steps"} if steps_axis else {})}
     axes = {"x": x_axes, "logits": {0: "batch"}, **({"lengths": {0: "batch"}} if len(example) > 1 else {})}
-    with torch.no_grad(), warnings.catch_warnings():
+    # with gradients on, attention takes its decomposed path (ONNX has no fused native attention op)
+    with torch.enable_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter's deprecation and tracer warnings
         torch.onnx.export(model, example, str(path), input_names=names, output_names=["logits"],
                           dynamic_axes=axes, opset_version=17, dynamo=False)

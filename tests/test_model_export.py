@@ -45,6 +45,10 @@ def test_preset_config_file_and_command_line_layer_in_order(trained_run):
                                                                        "text": None}
     assert not any(k.startswith("students.text") for k in payload["state_dict"])
     assert any(k.startswith("teacher.rests.text") for k in payload["state_dict"])
+    # eval rebuilds the run's model (students, encoders, task) from model.pt alone
+    result = CliRunner().invoke(main, ["eval", "--run", str(trained_run), "--split", "test", "--json"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert set(json.loads(result.output[result.output.index("{"):])["branches"]) == {"rgb", "audio", TEACHER}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -132,3 +136,46 @@ def test_presets_are_complete_and_specs_follow_kind_then_name():
                   "text": {"vocab_size": 30}}
         model = CoTrainModel(modality_specs(mods, shapes, shared_stages=1, encoders=enc), 3)
         assert TEACHER in model.branches
+
+
+SEQ_SPECS = {
+    "text": ModalitySpec("words", "text", {"vocab_size": 40, "dim": 16, "layers": 2, "heads": 2, "max_len": 16}, 1,
+                         "transformer"),
+    "features": ModalitySpec("face", "features", {"in_channels": 5, "dim": 16, "layers": 2, "heads": 2}, 1,
+                             "transformer", pool="attention"),
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("kind", ["text", "features"])
+def test_sequence_exports_keep_padding_masks(tmp_path, fmt, kind):
+    torch.manual_seed(0)
+    spec = SEQ_SPECS[kind]
+    model = CoTrainModel([spec], 3, mode="unimodal").eval()
+    source = {"max_tokens": 8} if kind == "text" else {"max_frames": 6, "dim": 5}
+    meta = {"spec": vars(spec), "num_classes": 3, "task": "class", "source": source, "loader": {}, "modality": spec.name}
+    path = export_model(unimodal_model(model, spec.name), meta, fmt, tmp_path / f"m.{fmt}")
+    exported = ExportedModel(path)
+    if kind == "text":
+        x = torch.tensor([[5, 6, 7, 0, 0, 0, 0, 0], [9, 3, 2, 8, 4, 1, 0, 0]], dtype=torch.int32)
+        args, lengths = (x,), None
+    else:
+        lengths = torch.tensor([6, 2])
+        x = torch.randn(2, 6, 5) * (torch.arange(6)[None] < lengths[:, None])[..., None]
+        args = (x, lengths)
+    expected = model({spec.name: x}, {spec.name: torch.ones(2, dtype=torch.bool)},
+                     {spec.name: lengths} if lengths is not None else None)[spec.name]
+    assert torch.allclose(exported(*args), expected, atol=1e-5)
+
+
+def test_text_predict_uses_the_shards_tokenizer(tiny_shards, synthetic_manifest):
+    from ops.predict import preprocess
+
+    info = load_dataset_info(tiny_shards)
+    spec = info.modalities["text"]
+    meta = {"spec": {"kind": "text"}, "source": spec, "tokenizer": (tiny_shards / "tokenizer.json").read_text()}
+    loader = DaliLoader(info, "test", LoaderConfig(batch_size=4), training=False, modalities=["text"])
+    batch = next(iter(loader))
+    record = next(r for r in map(json.loads, synthetic_manifest.read_text().splitlines()) if r["key"] == batch.keys[0])
+    (ids,) = preprocess(meta, record["text"])
+    assert torch.equal(ids[0].long(), batch.inputs["text"][0].long())
