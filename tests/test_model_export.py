@@ -179,3 +179,22 @@ def test_text_predict_uses_the_shards_tokenizer(tiny_shards, synthetic_manifest)
     record = next(r for r in map(json.loads, synthetic_manifest.read_text().splitlines()) if r["key"] == batch.keys[0])
     (ids,) = preprocess(meta, record["text"])
     assert torch.equal(ids[0].long(), batch.inputs["text"][0].long())
+
+
+def test_training_with_feature_and_attention_transfer_under_deepspeed(tiny_shards, tmp_path):
+    """The engine passes extras=True through; every transfer term shows up in the run's history."""
+    config = tmp_path / "attn.json"
+    config.write_text(json.dumps({"encoders": {"text": {"name": "transformer", "dim": 16, "layers": 2, "heads": 2},
+                                               "audio": {"pool": "attention"}},
+                                  "fusion": {"dim": 16, "heads": 2}}))
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train", "--shards", str(tiny_shards), "--out", str(run), "--config",
+                                       str(config), "--epochs", "1", "--batch-size", "4", "--metrics-port", "0",
+                                       "--modalities", "audio,text", "--feature-weight", "0.5", "--attention-weight",
+                                       "0.5", "--transfer-start", "0", "--transfer-warmup", "0",
+                                       "--transfer-gate", "none"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    train_terms = json.loads((run / "history.json").read_text())[0]["train"]
+    for m in ("audio", "text"):
+        for term in ("transfer", "feature_transfer", "attention_transfer"):
+            assert train_terms[f"{m}_{term}_loss"] > 0, (m, term, train_terms)
