@@ -91,6 +91,9 @@ class FusionConfig:
     """Add a learned embedding per modality to its tokens."""
     position_embedding: bool = True
     """Add a learned position embedding (per modality, by token index) to the tokens."""
+    teacher_stages: int | None = None
+    """How many encoder stages the teacher owns per modality after the shared ones; None = as many as the
+    student's rest (the default), fewer makes the teacher's streams shallower (at least 1 when nothing is shared)."""
     cross_layers: int = 0
     """Cross-attention blocks before the self-attention ones: each modality's tokens attend to the tokens of
     the other present modalities (the authors' earlier fusion). 0 = none."""
@@ -98,6 +101,8 @@ class FusionConfig:
     def __post_init__(self):
         if self.pooling not in POOLINGS:
             raise ValueError(f"fusion.pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.teacher_stages is not None and self.teacher_stages < 0:
+            raise ValueError(f"fusion.teacher_stages must be >= 0 or None, got {self.teacher_stages}")
         if self.cross_layers < 0:
             raise ValueError(f"fusion.cross_layers must be >= 0, got {self.cross_layers}")
         if not 0 <= self.modality_dropout < 1:
@@ -111,6 +116,18 @@ def _split(encoder: StagedEncoder, shared_stages: int) -> tuple[Stages, Stages]:
             f"choose 0..{len(encoder.stages) - 1} so every branch keeps at least one stage of its own"
         )
     return Stages(encoder.stages[:shared_stages]), Stages(encoder.stages[shared_stages:])
+
+
+def _teacher_rest(encoder: StagedEncoder, spec: ModalitySpec, fusion: FusionConfig) -> tuple[Stages, int]:
+    """The teacher's own stages of one modality and their output width (fusion.teacher_stages of them)."""
+    _, rest = _split(encoder, spec.shared_stages)
+    if fusion.teacher_stages is None:
+        return rest, encoder.out_channels[-1]
+    own = fusion.teacher_stages
+    if own > len(rest) or (own == 0 and spec.shared_stages == 0):
+        raise ValueError(f"fusion.teacher_stages={own} for {spec.name!r}: choose {int(spec.shared_stages == 0)}.."
+                         f"{len(rest)} (its encoder has {len(rest)} stages after the {spec.shared_stages} shared)")
+    return Stages(rest[:own]), encoder.out_channels[spec.shared_stages + own - 1]
 
 
 def _last_transformer(module: nn.Module) -> TransformerStage | None:
@@ -384,8 +401,8 @@ class CoTrainModel(nn.Module):
                     self.students[spec.name] = StudentBranch(rest, width, num_classes, spec.pool)
             if mode != "unimodal":
                 with seeded(init_seed, f"teacher/{spec.name}"):
-                    _, teacher_rests[spec.name] = _split(spec.build_encoder(), spec.shared_stages)
-                widths[spec.name] = width
+                    teacher_encoder = spec.build_encoder()
+                teacher_rests[spec.name], widths[spec.name] = _teacher_rest(teacher_encoder, spec, fusion)
         self.teacher = None
         if mode != "unimodal":
             with seeded(init_seed, "teacher/fusion"):

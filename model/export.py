@@ -61,10 +61,10 @@ def unimodal_model(model: CoTrainModel, modality: str) -> UnimodalModel:
 def _build_unimodal(meta: dict) -> UnimodalModel:
     """An untrained UnimodalModel of the architecture `meta` describes (to load a state dict into)."""
     spec = ModalitySpec(**meta["spec"])
-    with seeded(0, "export"):
-        shared, rest = _split(spec.build_encoder(), spec.shared_stages)
-        width = spec.build_encoder().out_channels[-1]
-        branch = StudentBranch(rest, width, meta["num_classes"], spec.pool)
+    with seeded(0, "export"):  # the weights are loaded next; seeding only keeps the global RNG untouched
+        encoder = spec.build_encoder()
+        shared, rest = _split(encoder, spec.shared_stages)
+        branch = StudentBranch(rest, encoder.out_channels[-1], meta["num_classes"], spec.pool)
     return UnimodalModel(shared, branch, spec.kind).eval()
 
 

@@ -92,3 +92,17 @@ def test_fusion_config_rules():
         FusionConfig(pooling="max")
     with pytest.raises(ValueError, match="fusion.cross_layers"):
         FusionConfig(cross_layers=-1)
+
+
+def test_teacher_stages_make_the_teachers_streams_shallower():
+    specs = [ModalitySpec("rgb", "video", {"widths": (8, 8, 16)}), ModalitySpec("au", "audio", {"in_channels": 5,
+                                                                                                  "widths": (8, 12, 16)})]
+    deep = CoTrainModel(specs, 3)
+    shallow = CoTrainModel(specs, 3, fusion=FusionConfig(teacher_stages=1))
+    assert len(deep.teacher.rests["au"]) == 2 and len(shallow.teacher.rests["au"]) == 1
+    assert shallow.teacher.proj["au"].in_features == 12  # the width after stage 2 (1 shared + 1 own)
+    inputs = {"rgb": torch.randn(2, 3, 4, 16, 16), "au": torch.randn(2, 5, 20)}
+    out = shallow(inputs, {m: torch.ones(2, dtype=torch.bool) for m in inputs})
+    assert out[TEACHER].shape == (2, 3)
+    with pytest.raises(ValueError, match="fusion.teacher_stages=3"):
+        CoTrainModel(specs, 3, fusion=FusionConfig(teacher_stages=3))
