@@ -154,6 +154,13 @@ class ExportedModel:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: write it with `cotrain export`")
         self.path, self.format = path, _detect_format(path)
+        try:
+            self._load(path)
+        except (KeyError, RuntimeError, ValueError, OSError) as err:
+            raise ValueError(f"{path} is not a model written by `cotrain export` ({self.format} without cotrain "
+                             f"metadata: {err}); export it with `cotrain export --run RUN --modality NAME`") from err
+
+    def _load(self, path: Path) -> None:
         if self.format == "torchscript":
             extra = {META_KEY: ""}
             with warnings.catch_warnings():
@@ -162,6 +169,8 @@ class ExportedModel:
             self.meta = json.loads(extra[META_KEY])
         elif self.format == "state_dict":
             saved = torch.load(path, map_location="cpu", weights_only=False)
+            if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
+                raise ValueError(f"no '{STATE_FORMAT}' format tag")
             self.meta = saved["meta"]
             self.module = _build_unimodal(self.meta)
             self.module.load_state_dict(saved["state_dict"])
@@ -169,7 +178,11 @@ class ExportedModel:
             import onnx
             import onnxruntime
 
-            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            try:
+                proto = onnx.load(str(path), load_external_data=False)
+            except Exception as err:  # onnx raises protobuf's DecodeError, which has no common base with ours
+                raise ValueError(f"not ONNX either ({type(err).__name__})") from err
+            props = {p.key: p.value for p in proto.metadata_props}
             self.meta = json.loads(props[META_KEY])
             self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 

@@ -198,3 +198,14 @@ def test_training_with_feature_and_attention_transfer_under_deepspeed(tiny_shard
     for m in ("audio", "text"):
         for term in ("transfer", "feature_transfer", "attention_transfer"):
             assert train_terms[f"{m}_{term}_loss"] > 0, (m, term, train_terms)
+
+
+def test_loading_a_file_that_is_not_an_export_says_so(tmp_path):
+    for name, content in [("junk.bin", b"not a model at all"), ("weights.pt", None)]:
+        path = tmp_path / name
+        if content is None:
+            torch.save({"w": torch.zeros(2)}, path)
+        else:
+            path.write_bytes(content)
+        with pytest.raises(ValueError, match="not a model written by `cotrain export`"):
+            ExportedModel(path)
