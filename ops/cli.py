@@ -8,6 +8,8 @@ import click
 
 from shards.cli import shards_group
 
+from .ship import export_cmd, predict_cmd
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
@@ -17,6 +19,8 @@ def main(local_rank: int | None) -> None:
 
 
 main.add_command(shards_group, name="shards")
+main.add_command(export_cmd)
+main.add_command(predict_cmd)
 
 
 def _split_names(value: str | None) -> list[str]:
@@ -76,7 +80,9 @@ def train_cmd(ctx, shards_dir, out, modalities, mode, epochs, seed, batch_size, 
 
     try:
         if preset or config_file:
-            cfg = _layered_config(ctx, preset, config_file)
+            from .layering import layered_config
+
+            cfg = layered_config(ctx, preset, config_file, _split_names)
         else:
             cfg = RunConfig(shards=shards_dir, out=out, mode=mode, modalities=_split_names(modalities), epochs=epochs,
                             seed=seed, metrics=MetricsConfig(port=metrics_port, host=metrics_host))
@@ -112,86 +118,6 @@ def _override(cfg, **values) -> None:
             setattr(target, attr, value)
     cfg.optim.__post_init__()
     cfg.transfer.__post_init__()
-
-
-# command-line name -> RunConfig path, for the options that have a default (the rest are None unless given)
-_LAYERED = {"shards_dir": ("shards",), "out": ("out",), "mode": ("mode",), "modalities": ("modalities",),
-            "epochs": ("epochs",), "seed": ("seed",), "batch_size": ("loader", "batch_size"),
-            "zero_stage": ("optim", "zero_stage"), "metrics_port": ("metrics", "port"),
-            "metrics_host": ("metrics", "host")}
-
-
-def _layered_config(ctx, preset: str | None, config_file: str | None):
-    """preset < config file < options given on the command line (the other options' defaults don't count)."""
-    from click.core import ParameterSource
-
-    from model.presets import merge, preset as preset_dict
-
-    from .config import _build, RunConfig
-
-    layers = preset_dict(preset) if preset else {}
-    if config_file:
-        layers = merge(layers, json.loads(open(config_file, encoding="utf-8").read()))
-    for name, path in _LAYERED.items():
-        given = ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
-        if given or (path[0] in ("shards", "out")) or _get(layers, path) is None:
-            value = ctx.params[name]
-            value = _split_names(value) if name == "modalities" else value
-            if value is not None:
-                layers = merge(layers, _nest(path, value))
-    return _build(RunConfig, layers)
-
-
-def _get(tree: dict, path: tuple):
-    for key in path:
-        if not isinstance(tree, dict) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
-
-
-def _nest(path: tuple, value) -> dict:
-    return {path[0]: value} if len(path) == 1 else {path[0]: _nest(path[1:], value)}
-
-
-@main.command("export")
-@click.option("--run", required=True, type=click.Path(file_okay=False, exists=True), help="A trained run directory.")
-@click.option("--modality", required=True, help="The unimodal branch to ship.")
-@click.option("--format", "fmt", type=click.Choice(["torchscript", "onnx", "state_dict"]), default="torchscript",
-              show_default=True)
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write.")
-@click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True,
-              help="The branch's best-validation weights, or the final weights.")
-def export_cmd(run, modality, fmt, output, which) -> None:
-    """Write MODALITY's branch of RUN as a standalone model (shared stages, branch, head; no teacher)."""
-    from model.export import export_run
-
-    try:
-        path = export_run(run, modality, fmt, output, which=which)
-    except (ValueError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
-    click.echo(f"wrote {path} ({fmt}, {modality})")
-
-
-@main.command("predict")
-@click.argument("model_file", type=click.Path(dir_okay=False, exists=True))
-@click.argument("inputs", nargs=-1, required=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of one line per input.")
-def predict_cmd(model_file, inputs, as_json) -> None:
-    """Run an exported model on raw media files (video, audio, a text file or text, a features .npy)."""
-    from .predict import predict_files
-
-    try:
-        results = predict_files(model_file, list(inputs))
-    except (ValueError, FileNotFoundError) as err:
-        raise click.ClickException(str(err)) from err
-    if as_json:
-        click.echo(json.dumps(results, indent=2))
-        return
-    for r in results:
-        shown = r.get("prediction") or r.get("values") or r.get("probabilities")
-        top = "" if "prediction" not in r else f"  p={r['probabilities'][r['prediction']]:.3f}"
-        click.echo(f"{r['input']}: {shown}{top}")
 
 
 @main.command("eval")

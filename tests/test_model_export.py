@@ -209,3 +209,14 @@ def test_loading_a_file_that_is_not_an_export_says_so(tmp_path):
             path.write_bytes(content)
         with pytest.raises(ValueError, match="not a model written by `cotrain export`"):
             ExportedModel(path)
+
+
+def test_config_files_with_unknown_fields_are_refused(tiny_shards, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"fusion": {"dimm": 8}}))
+    result = CliRunner().invoke(main, ["train", "--shards", str(tiny_shards), "--out", str(tmp_path / "r"),
+                                       "--config", str(bad)])
+    assert result.exit_code != 0 and "unknown config.fusion field(s) dimm" in result.output
+    result = CliRunner().invoke(main, ["train", "--shards", str(tiny_shards), "--out", str(tmp_path / "r"),
+                                       "--preset", "nope"])
+    assert result.exit_code != 0 and "valid presets: emotion, gesture, sentiment" in result.output
