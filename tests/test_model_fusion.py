@@ -106,3 +106,18 @@ def test_teacher_stages_make_the_teachers_streams_shallower():
     assert out[TEACHER].shape == (2, 3)
     with pytest.raises(ValueError, match="fusion.teacher_stages=3"):
         CoTrainModel(specs, 3, fusion=FusionConfig(teacher_stages=3))
+
+
+def test_sharing_nothing_leaves_the_branches_linked_only_by_transfer():
+    from model.losses import TransferConfig, cotrain_losses
+
+    specs = [ModalitySpec("au", "audio", {"in_channels": 5, "widths": (8, 8, 8)}, 0),
+             ModalitySpec("words", "text", {"vocab_size": 20, "widths": (8, 8, 8)}, 0)]
+    model = CoTrainModel(specs, 3)
+    assert sum(p.numel() for p in model.shared.parameters()) == 0
+    ids = torch.randint(1, 20, (2, 5))
+    inputs = {"au": torch.randn(2, 5, 16), "words": ids}
+    present = {"au": torch.ones(2, dtype=torch.bool), "words": torch.ones(2, dtype=torch.bool)}
+    terms = cotrain_losses(model(inputs, present), torch.tensor([0, 2]), present, TransferConfig(alpha=0.0))
+    sum(v for k, v in terms.items() if k.startswith(TEACHER)).backward()
+    assert all(p.grad is None for p in model.students.parameters())  # the teacher's losses never reach a student
