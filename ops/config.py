@@ -126,7 +126,8 @@ def _build(cls, data: dict):
             continue
         value = data[f.name]
         sub = {"loader": LoaderConfig, "optim": OptimConfig, "transfer": TransferConfig,
-               "fusion": FusionConfig, "metrics": MetricsConfig, "task": TaskConfig}.get(f.name) if cls is RunConfig else None
+               "fusion": FusionConfig, "metrics": MetricsConfig,
+               "task": TaskConfig}.get(f.name) if cls is RunConfig else None
         kwargs[f.name] = _build(sub, value) if sub else value
     return cls(**kwargs)
 

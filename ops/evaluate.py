@@ -46,7 +46,7 @@ def score_branches(model: CoTrainModel, loader: DaliLoader, *, branches: list[st
     correct, seen = dict.fromkeys(branches, 0), dict.fromkeys(branches, 0)
     for batch in loader:
         batch = prepare(batch)
-        logits = model(batch.inputs, batch.present)
+        logits = model(batch.inputs, batch.present, getattr(batch, "lengths", None) or None)  # features masks
         for branch in branches:
             mask = batch.present[branch] if branch != TEACHER else torch.ones_like(batch.labels, dtype=torch.bool)
             correct[branch] += int(((logits[branch].float().argmax(-1) == batch.labels) & mask).sum())
