@@ -148,7 +148,8 @@ def build_resnet3d(*, in_channels: int = 3, stem_width: int = 16, widths: tuple[
     stages, c_in = [stem], stem_width
     for i, (width, depth) in enumerate(zip(widths, depths)):
         stride = (1, 1, 1) if i == 0 else (2, 2, 2)
-        blocks = [_BasicBlock3d(c_in if j == 0 else width, width, stride if j == 0 else (1, 1, 1)) for j in range(depth)]
+        blocks = [_BasicBlock3d(c_in if j == 0 else width, width, stride if j == 0 else (1, 1, 1))
+                  for j in range(depth)]
         stages.append(nn.Sequential(*blocks))
         c_in = width
     return StagedEncoder(stages, [stem_width, *widths], kind="video")

@@ -60,12 +60,14 @@ def _split_names(value: str | None) -> list[str]:
 @click.option("--metrics-port", type=int, default=9400, show_default=True,
               help="Prometheus port of local rank 0 (rank r uses port + r); 0 turns it off.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True)
-@click.option("--preset", default=None, help="A preset (gesture, emotion, sentiment): encoders, fusion, task, transfer; "
-                                             "--config and the options given here override it.")
+@click.option("--preset", default=None,
+              help="A preset (gesture, emotion, sentiment): encoders, fusion, task, transfer; --config and the "
+                   "options given here override it.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False, exists=True),
               help="A JSON file of RunConfig fields (e.g. a run's config.json); overrides the preset.")
 @click.option("--students", default=None,
-              help="Comma-separated modalities that get a unimodal branch (default: all); the rest feed only the teacher.")
+              help="Comma-separated modalities that get a unimodal branch (default: all); the rest feed only the "
+                   "teacher.")
 @click.option("--feature-weight", type=float, default=None, help="Weight of feature-level transfer (0 = off).")
 @click.option("--attention-weight", type=float, default=None, help="Weight of attention-level transfer (0 = off).")
 @click.pass_context

@@ -153,7 +153,8 @@ def test_sequence_exports_keep_padding_masks(tmp_path, fmt, kind):
     spec = SEQ_SPECS[kind]
     model = CoTrainModel([spec], 3, mode="unimodal").eval()
     source = {"max_tokens": 8} if kind == "text" else {"max_frames": 6, "dim": 5}
-    meta = {"spec": vars(spec), "num_classes": 3, "task": "class", "source": source, "loader": {}, "modality": spec.name}
+    meta = {"spec": vars(spec), "num_classes": 3, "task": "class", "source": source, "loader": {},
+            "modality": spec.name}
     path = export_model(unimodal_model(model, spec.name), meta, fmt, tmp_path / f"m.{fmt}")
     exported = ExportedModel(path)
     if kind == "text":

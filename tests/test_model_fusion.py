@@ -82,7 +82,8 @@ def test_extras_give_features_and_attention_distributions():
     for m in ("words", "au"):
         s, t = extras["attention"][m], extras["attention"][f"{TEACHER}/{m}"]
         assert s.shape == t.shape
-        assert torch.allclose(s.sum(-1), torch.ones(4), atol=1e-5) and torch.allclose(t.sum(-1), torch.ones(4), atol=1e-5)
+        assert torch.allclose(s.sum(-1), torch.ones(4), atol=1e-5)
+        assert torch.allclose(t.sum(-1), torch.ones(4), atol=1e-5)
     assert torch.all(extras["attention"]["au"][1, 3:] == 0)  # padding gets no attention
     assert torch.all(extras["attention"]["words"][:, 4:] < 1e-6)
 
@@ -95,8 +96,8 @@ def test_fusion_config_rules():
 
 
 def test_teacher_stages_make_the_teachers_streams_shallower():
-    specs = [ModalitySpec("rgb", "video", {"widths": (8, 8, 16)}), ModalitySpec("au", "audio", {"in_channels": 5,
-                                                                                                  "widths": (8, 12, 16)})]
+    specs = [ModalitySpec("rgb", "video", {"widths": (8, 8, 16)}),
+             ModalitySpec("au", "audio", {"in_channels": 5, "widths": (8, 12, 16)})]
     deep = CoTrainModel(specs, 3)
     shallow = CoTrainModel(specs, 3, fusion=FusionConfig(teacher_stages=1))
     assert len(deep.teacher.rests["au"]) == 2 and len(shallow.teacher.rests["au"]) == 1
