@@ -138,7 +138,8 @@ def attention_transfer(student: torch.Tensor, teacher: torch.Tensor, present: to
     detached; positions where the teacher puts no mass (padding) contribute nothing."""
     if student.shape != teacher.shape:
         raise ValueError(f"attention transfer compares attention over the same tokens, got student "
-                         f"{tuple(student.shape)} and teacher {tuple(teacher.shape)}: give the teacher's and student's rests the same encoder")
+                         f"{tuple(student.shape)} and teacher {tuple(teacher.shape)}: give the teacher's and "
+                         "student's rests the same encoder")
     t = teacher.detach()
     kl = (t * (torch.log(t + eps) - torch.log(student + eps))).sum(dim=-1)
     return _masked_mean(torch.where(present, kl, torch.zeros_like(kl)), present)
