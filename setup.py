@@ -28,6 +28,8 @@ setup(
         # encoders inside the worker. The CLI (ffmpeg-python) still decodes the sources.
         "av>=12",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # `cotrain export --format onnx` writes ONNX with onnx and checks/runs it with onnxruntime; the other formats
+    # need neither, so they stay optional.
+    extras_require={"test": ["pytest>=7", "onnx>=1.15", "onnxruntime>=1.17"], "onnx": ["onnx>=1.15", "onnxruntime>=1.17"]},
     entry_points={"console_scripts": ["cotrain=ops.cli:main"]},
 )

@@ -19,13 +19,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .encoders import StagedEncoder, build_encoder, masked_mean, tokens_of
+from .encoders import StagedEncoder, Stages, TransformerStage, build_encoder, masked_mean, tokens_of
 
 __all__ = ["seeded", "ModalitySpec", "FusionConfig", "CoTrainModel", "StudentBranch", "MultimodalBranch", "MODES",
-           "build_model"]
+           "TASKS", "TEACHER", "build_model", "encoder_width"]
 
 MODES = ("cotrain", "unimodal", "multimodal")
 TEACHER = "multimodal"
+TASKS = ("class", "regression", "multilabel")
+POOLINGS = ("mean", "cls")
 
 
 @dataclass
@@ -37,7 +39,16 @@ class ModalitySpec:
     encoder: dict = field(default_factory=dict)
     """Keyword arguments of the registered encoder (widths, vocab_size, in_channels...)."""
     shared_stages: int = 1
-    """How many of the encoder's first stages the unimodal and multimodal branches share."""
+    """How many of the encoder's first stages the unimodal and multimodal branches share (0 = none: the
+    branches meet only through knowledge transfer)."""
+    encoder_name: str | None = None
+    """Registered encoder of this kind (model/encoders.py ENCODERS); None = the kind's default."""
+    pool: str = "mean"
+    """How the unimodal branch pools its tokens: 'mean' or 'attention' (a learned softmax over tokens,
+    which attention-level transfer can then align with the teacher's)."""
+
+    def build_encoder(self) -> StagedEncoder:
+        return build_encoder(self.kind, self.encoder_name, **self.encoder)
 
 
 @dataclass
@@ -74,41 +85,150 @@ class FusionConfig:
     modality_dropout: float = 0.0
     """In training, the probability of hiding each modality from the teacher per sample (one always stays).
     It keeps the teacher from leaning on the modality it fits first, so it stays stronger than every student."""
+    pooling: str = "mean"
+    """How the Transformer's tokens become one vector: 'mean' over present tokens, or a learned 'cls' token."""
+    modality_embedding: bool = True
+    """Add a learned embedding per modality to its tokens."""
+    position_embedding: bool = True
+    """Add a learned position embedding (per modality, by token index) to the tokens."""
+    teacher_stages: int | None = None
+    """How many encoder stages the teacher owns per modality after the shared ones; None = as many as the
+    student's rest (the default), fewer makes the teacher's streams shallower (at least 1 when nothing is shared)."""
+    cross_layers: int = 0
+    """Cross-attention blocks before the self-attention ones: each modality's tokens attend to the tokens of
+    the other present modalities (the authors' earlier fusion). 0 = none."""
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"fusion.pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.teacher_stages is not None and self.teacher_stages < 0:
+            raise ValueError(f"fusion.teacher_stages must be >= 0 or None, got {self.teacher_stages}")
+        if self.cross_layers < 0:
+            raise ValueError(f"fusion.cross_layers must be >= 0, got {self.cross_layers}")
+        if not 0 <= self.modality_dropout < 1:
+            raise ValueError(f"fusion.modality_dropout must be in [0, 1), got {self.modality_dropout}")
 
 
-def _split(encoder: StagedEncoder, shared_stages: int) -> tuple[nn.Sequential, nn.Sequential]:
+def _split(encoder: StagedEncoder, shared_stages: int) -> tuple[Stages, Stages]:
     if not 0 <= shared_stages < len(encoder.stages):
         raise ValueError(
             f"shared_stages={shared_stages} for a {encoder.kind} encoder with {len(encoder.stages)} stages; "
             f"choose 0..{len(encoder.stages) - 1} so every branch keeps at least one stage of its own"
         )
-    return nn.Sequential(*encoder.stages[:shared_stages]), nn.Sequential(*encoder.stages[shared_stages:])
+    return Stages(encoder.stages[:shared_stages]), Stages(encoder.stages[shared_stages:])
+
+
+def _teacher_rest(encoder: StagedEncoder, spec: ModalitySpec, fusion: FusionConfig) -> tuple[Stages, int]:
+    """The teacher's own stages of one modality and their output width (fusion.teacher_stages of them)."""
+    _, rest = _split(encoder, spec.shared_stages)
+    if fusion.teacher_stages is None:
+        return rest, encoder.out_channels[-1]
+    own = fusion.teacher_stages
+    if own > len(rest) or (own == 0 and spec.shared_stages == 0):
+        raise ValueError(f"fusion.teacher_stages={own} for {spec.name!r}: choose {int(spec.shared_stages == 0)}.."
+                         f"{len(rest)} (its encoder has {len(rest)} stages after the {spec.shared_stages} shared)")
+    return Stages(rest[:own]), encoder.out_channels[spec.shared_stages + own - 1]
+
+
+def _last_transformer(module: nn.Module) -> TransformerStage | None:
+    blocks = [m for m in module.modules() if isinstance(m, TransformerStage)]
+    return blocks[-1] if blocks else None
+
+
+def _query_mean(attention: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(B, Lq, Lk) attention -> (B, Lk): the mean over the valid queries of where they attend."""
+    if valid is None:
+        return attention.mean(dim=1)
+    w = valid.to(attention.dtype)[..., None]
+    return (attention * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
 
 
 class StudentBranch(nn.Module):
-    """The unimodal branch after the shared stages: its own stages, mean pooling, a linear head."""
+    """The unimodal branch after the shared stages: its own stages, pooling (mean or attention), a linear head."""
 
-    def __init__(self, rest: nn.Module, width: int, num_classes: int):
+    def __init__(self, rest: nn.Module, width: int, num_classes: int, pool: str = "mean"):
         super().__init__()
+        if pool not in ("mean", "attention"):
+            raise ValueError(f"a modality's pool must be 'mean' or 'attention', got {pool!r}")
         self.rest = rest
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_classes)
+        self.score = nn.Linear(width, 1) if pool == "attention" else None
+
+    def encode(self, shared: torch.Tensor, valid: torch.Tensor | None,
+               want_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pooled, normalised feature (B, C) and, if asked and the branch has one, its attention over its
+        own tokens (B, L): the attention-pooling weights, else the last self-attention block's (mean over queries)."""
+        block = _last_transformer(self.rest) if want_attention and self.score is None else None
+        if block is not None:
+            block.record_attention = True
+        try:
+            tokens = tokens_of(self.rest(shared, valid))  # (B, L, C)
+        finally:
+            if block is not None:
+                block.record_attention = False
+        attention = None
+        if self.score is not None:
+            scores = self.score(tokens).squeeze(-1)  # (B, L)
+            if valid is not None:
+                scores = scores.masked_fill(~_first_kept(valid), float("-inf"))
+            attention = torch.softmax(scores, dim=-1)
+            pooled = (attention.unsqueeze(-1) * tokens).sum(dim=1)
+        else:
+            pooled = masked_mean(tokens, valid)
+            if block is not None:
+                attention = _query_mean(block.attention, valid)
+        return self.norm(pooled), attention
 
     def forward(self, shared: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        pooled = masked_mean(tokens_of(self.rest(shared)), valid)  # (B, C)
-        return self.head(self.norm(pooled))
+        return self.head(self.encode(shared, valid)[0])
+
+
+def _first_kept(keep: torch.Tensor) -> torch.Tensor:
+    """Keep at least the first token of rows that keep none, so attention never divides by zero (NaN)."""
+    first = keep[:, :1] | ~keep.any(dim=1, keepdim=True)  # out of place, so the branch exports to ONNX
+    return torch.cat([first, keep[:, 1:]], dim=1)
+
+
+class _CrossAttention(nn.Module):
+    """Each modality's tokens attend to the tokens of the other present modalities (one block per modality)."""
+
+    def __init__(self, order: list[str], cfg: FusionConfig):
+        super().__init__()
+        self.order = order
+        self.blocks = nn.ModuleDict({m: nn.TransformerDecoderLayer(
+            cfg.dim, cfg.heads, dim_feedforward=2 * cfg.dim, dropout=cfg.dropout, batch_first=True, norm_first=True)
+            for m in order})
+
+    def forward(self, tokens: list[torch.Tensor], keep: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for i, m in enumerate(self.order):
+            others = [j for j in range(len(self.order)) if j != i]
+            if not others:
+                out.append(tokens[i])
+                continue
+            memory = torch.cat([tokens[j] for j in others], dim=1)
+            memory_keep = torch.cat([keep[j] for j in others], dim=1)
+            attended = self.blocks[m](tokens[i], memory, tgt_key_padding_mask=~_first_kept(keep[i]),
+                                      memory_key_padding_mask=~_first_kept(memory_keep))
+            # a sample with no other modality present keeps its tokens as they were
+            out.append(torch.where(memory_keep.any(dim=1)[:, None, None], attended, tokens[i]))
+        return out
 
 
 class MultimodalBranch(nn.Module):
     """Per-modality stages of its own, then one Transformer over the tokens of all modalities."""
 
-    def __init__(self, rests: dict[str, nn.Module], widths: dict[str, int], num_classes: int, cfg: FusionConfig):
+    def __init__(self, rests: dict[str, nn.Module], widths: dict[str, int], num_classes: int, cfg: FusionConfig,
+                 task: str = "class"):
         super().__init__()
         self.order = list(rests)
         self.rests = nn.ModuleDict(rests)
         self.proj = nn.ModuleDict({m: nn.Linear(widths[m], cfg.dim) for m in self.order})
-        self.modality_embed = nn.Parameter(torch.randn(len(self.order), cfg.dim) * 0.02)
-        self.pos_embed = nn.Parameter(torch.randn(cfg.max_tokens, cfg.dim) * 0.02)
+        self.modality_embed = nn.Parameter(torch.randn(len(self.order), cfg.dim) * 0.02) \
+            if cfg.modality_embedding else None
+        self.pos_embed = nn.Parameter(torch.randn(cfg.max_tokens, cfg.dim) * 0.02) if cfg.position_embedding else None
+        self.max_tokens = cfg.max_tokens
         block = nn.TransformerEncoderLayer(
             cfg.dim, cfg.heads, dim_feedforward=2 * cfg.dim, dropout=cfg.dropout, batch_first=True, norm_first=True
         )
@@ -122,6 +242,13 @@ class MultimodalBranch(nn.Module):
             raise ValueError("fusion.late_fusion needs fusion.stream_loss: the streams' own losses train the experts")
         self.late_fusion = cfg.late_fusion
         self.detach_streams = cfg.detach_streams
+        self.task = task
+        # options beyond the defaults are built last, so the default parts' initial weights never move
+        self.cls = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02) if cfg.pooling == "cls" else None
+        self.cross = _CrossAttention(self.order, cfg) if cfg.cross_layers else None
+        if self.cross is not None and cfg.cross_layers > 1:
+            self.cross = nn.ModuleList([self.cross] + [_CrossAttention(self.order, cfg)
+                                                       for _ in range(cfg.cross_layers - 1)])
 
     def _drop_modalities(self, present: dict) -> dict:
         """Hide each present modality with probability p, keeping at least one per sample."""
@@ -138,16 +265,28 @@ class MultimodalBranch(nn.Module):
 
     def _stream(self, i: int, m: str, shared: torch.Tensor, valid: torch.Tensor | None):
         """(B, L_m, D) embedded tokens of modality m, and its stream logits (or None)."""
-        tokens = tokens_of(self.rests[m](shared))  # (B, L_m, C_m)
+        tokens = tokens_of(self.rests[m](shared, valid))  # (B, L_m, C_m)
         length = tokens.shape[1]
-        if length > self.pos_embed.shape[0]:
+        if self.pos_embed is not None and length > self.max_tokens:
             raise ValueError(f"modality {m!r} yields {length} tokens; raise fusion.max_tokens to at least {length}")
         stream = self.stream_heads[m](masked_mean(tokens, valid)) if self.stream_heads is not None else None
         fused_in = tokens.detach() if self.detach_streams else tokens
-        return self.proj[m](fused_in) + self.modality_embed[i] + self.pos_embed[:length], stream
+        embedded = self.proj[m](fused_in)
+        if self.modality_embed is not None:
+            embedded = embedded + self.modality_embed[i]
+        if self.pos_embed is not None:
+            embedded = embedded + self.pos_embed[:length]
+        return embedded, stream
 
-    def forward(self, shared: dict, valid: dict, present: dict) -> dict[str, torch.Tensor]:
-        """{"multimodal": fused logits, "multimodal/<m>": stream logits per modality (when enabled)}."""
+    def _cross_attend(self, tokens: list, keep: list) -> list:
+        for layer in (self.cross if isinstance(self.cross, nn.ModuleList) else [self.cross]):
+            tokens = layer(tokens, keep)
+        return tokens
+
+    def forward(self, shared: dict, valid: dict, present: dict, extras: dict | None = None) -> dict[str, torch.Tensor]:
+        """{"multimodal": fused logits, "multimodal/<m>": stream logits per modality (when enabled)}. With an
+        `extras` dict, also fills extras["feature"] (B, D) and extras["attention"][m] (B, L_m): the last block's
+        attention over modality m's tokens (mean over heads and queries, renormalised over m's tokens)."""
         if self.training and self.modality_dropout > 0:
             present = self._drop_modalities(present)
         tokens, keep, out = [], [], {}
@@ -158,35 +297,94 @@ class MultimodalBranch(nn.Module):
             k = present[m][:, None].expand(-1, t.shape[1])
             tokens.append(t)
             keep.append(k & valid[m] if valid[m] is not None else k)
+        if self.cross is not None:
+            tokens = self._cross_attend(tokens, keep)
+        lengths = [t.shape[1] for t in tokens]
         x, keep_all = torch.cat(tokens, dim=1), torch.cat(keep, dim=1)  # (B, L, D), (B, L)
+        if self.cls is not None:
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+            keep_all = torch.cat([torch.ones_like(keep_all[:, :1]), keep_all], dim=1)
         # A sample with no modality at all would make attention NaN; let it attend to its first token.
-        keep_all = keep_all.clone()
-        keep_all[:, 0] |= ~keep_all.any(dim=1)
-        x = self.blocks(x, src_key_padding_mask=~keep_all)
-        out[TEACHER] = self.head(self.norm(masked_mean(x, keep_all)))
+        keep_all = _first_kept(keep_all)
+        captured = self._capture_last_block_input() if extras is not None else None
+        try:
+            x = self.blocks(x, src_key_padding_mask=~keep_all)
+        finally:
+            if captured is not None:
+                captured["handle"].remove()
+        pooled = self.norm(x[:, 0] if self.cls is not None else masked_mean(x, keep_all))
+        out[TEACHER] = self.head(pooled)
         if self.late_fusion:
-            out[TEACHER] = out[TEACHER] + self._product_of_experts(out, present)
+            out[TEACHER] = out[TEACHER] + self._late_fusion(out, present)
+        if extras is not None:
+            extras["feature"] = pooled
+            extras["attention"] = self._attention_per_modality(captured["input"], keep_all, lengths)
         return out
 
-    def _product_of_experts(self, out: dict, present: dict) -> torch.Tensor:
-        """Sum over present modalities of the detached stream log-probabilities, (B, num_classes)."""
-        experts = [torch.log_softmax(out[f"{TEACHER}/{m}"].detach(), dim=-1) * present[m][:, None]
-                   for m in self.order]
-        return torch.stack(experts).sum(dim=0)
+    def _capture_last_block_input(self) -> dict:
+        captured = {}
+
+        def hook(_module, args, kwargs=None):
+            captured["input"] = args[0]
+
+        captured["handle"] = self.blocks.layers[-1].register_forward_pre_hook(hook)
+        return captured
+
+    def _attention_per_modality(self, block_input: torch.Tensor, keep_all: torch.Tensor,
+                                lengths: list[int]) -> dict[str, torch.Tensor]:
+        """Recompute the last block's attention weights from its input (the output path stays the fused kernel)."""
+        layer = self.blocks.layers[-1]
+        h = layer.norm1(block_input) if layer.norm_first else block_input
+        _, weights = layer.self_attn(h, h, h, key_padding_mask=~keep_all, need_weights=True,
+                                     average_attn_weights=True)  # (B, L, L)
+        over_keys = weights[:, 0] if self.cls is not None else _query_mean(weights, keep_all)  # (B, L)
+        start, result = (1 if self.cls is not None else 0), {}
+        for m, length in zip(self.order, lengths):
+            part = over_keys[:, start:start + length]
+            result[m] = part / part.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+            start += length
+        return result
+
+    def _late_fusion(self, out: dict, present: dict) -> torch.Tensor:
+        """The streams' (detached) joint prediction: a product of experts for classes (sum of log-probs) and for
+        independent labels (sum of logits), the mean of the present streams for regression."""
+        streams = [(out[f"{TEACHER}/{m}"].detach(), present[m][:, None]) for m in self.order]
+        if self.task == "class":
+            return torch.stack([torch.log_softmax(s, dim=-1) * p for s, p in streams]).sum(dim=0)
+        if self.task == "multilabel":
+            return torch.stack([s * p for s, p in streams]).sum(dim=0)
+        total = torch.stack([s * p for s, p in streams]).sum(dim=0)
+        count = torch.stack([p.to(total.dtype) for _, p in streams]).sum(dim=0).clamp_min(1.0)
+        return total / count
 
 
 class CoTrainModel(nn.Module):
-    """Shared stages per modality, students for `students`, and the teacher unless mode is unimodal."""
+    """Shared stages per modality, students for `students`, and the teacher unless mode is unimodal.
+
+    `students` names the modalities that get a unimodal branch; the others feed only the teacher (a modality
+    available in training but not at deployment). `feature_transfer` adds each student's projection to the
+    teacher's feature width, which the feature-level transfer term needs."""
 
     def __init__(self, specs: list[ModalitySpec], num_classes: int, *, mode: str = "cotrain",
-                 students: list[str] | None = None, fusion: FusionConfig | None = None, init_seed: int = 0):
+                 students: list[str] | None = None, fusion: FusionConfig | None = None, init_seed: int = 0,
+                 task: str = "class", feature_transfer: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-        self.mode, self.kinds = mode, {s.name: s.kind for s in specs}
-        self.students_of = [] if mode == "multimodal" else (students or [s.name for s in specs])
+        if task not in TASKS:
+            raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
+        names = [s.name for s in specs]
+        unknown = sorted(set(students or []) - set(names))
+        if unknown:
+            raise ValueError(f"students {unknown} are not among the modalities {names}; pass --students as a "
+                             "comma-separated subset of --modalities")
+        fusion = fusion or FusionConfig()
+        self.mode, self.kinds, self.task = mode, {s.name: s.kind for s in specs}, task
+        self.students_of = [] if mode == "multimodal" else [m for m in names if m in (students or names)]
         if mode == "unimodal" and len(specs) != 1:
-            raise ValueError(f"mode 'unimodal' trains one modality; got {[s.name for s in specs]}")
+            raise ValueError(f"mode 'unimodal' trains one modality; got {names}")
+        if mode == "cotrain" and not self.students_of:
+            raise ValueError("mode 'cotrain' needs at least one student modality; use --mode multimodal instead")
         self.shared = nn.ModuleDict()
         self.students = nn.ModuleDict()
         teacher_rests, widths = {}, {}
@@ -194,42 +392,88 @@ class CoTrainModel(nn.Module):
         # in every mode: co-trained and baseline runs of one seed are paired, not just equally random.
         for spec in specs:
             with seeded(init_seed, f"encoder/{spec.name}"):
-                encoder = build_encoder(spec.kind, **spec.encoder)
+                encoder = spec.build_encoder()
             shared, rest = _split(encoder, spec.shared_stages)
             width = encoder.out_channels[-1]
             self.shared[spec.name] = shared
             if spec.name in self.students_of:
                 with seeded(init_seed, f"student/{spec.name}"):
-                    self.students[spec.name] = StudentBranch(rest, width, num_classes)
+                    self.students[spec.name] = StudentBranch(rest, width, num_classes, spec.pool)
             if mode != "unimodal":
                 with seeded(init_seed, f"teacher/{spec.name}"):
-                    _, teacher_rests[spec.name] = _split(build_encoder(spec.kind, **spec.encoder), spec.shared_stages)
-                widths[spec.name] = width
+                    teacher_encoder = spec.build_encoder()
+                teacher_rests[spec.name], widths[spec.name] = _teacher_rest(teacher_encoder, spec, fusion)
         self.teacher = None
         if mode != "unimodal":
             with seeded(init_seed, "teacher/fusion"):
-                self.teacher = MultimodalBranch(teacher_rests, widths, num_classes, fusion or FusionConfig())
+                self.teacher = MultimodalBranch(teacher_rests, widths, num_classes, fusion, task)
+        self.feature_proj = None
+        if feature_transfer and self.teacher is not None and self.students:
+            self.feature_proj = nn.ModuleDict()
+            for spec in specs:
+                if spec.name in self.students:
+                    with seeded(init_seed, f"transfer/features/{spec.name}"):
+                        self.feature_proj[spec.name] = nn.Linear(encoder_width(spec), fusion.dim)
 
     @property
     def branches(self) -> list[str]:
         """Names of the branches whose logits forward() returns."""
         return list(self.students) + ([TEACHER] if self.teacher is not None else [])
 
-    def forward(self, inputs: dict[str, torch.Tensor], present: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def valid_masks(self, inputs: dict[str, torch.Tensor],
+                    lengths: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor | None]:
+        """(B, L) real-token masks: text ids != 0, features steps < length; None where every step counts."""
+        valid = {}
+        for m, x in inputs.items():
+            if self.kinds.get(m) == "text":
+                valid[m] = x != 0
+            elif self.kinds.get(m) == "features" and lengths and m in lengths:
+                valid[m] = torch.arange(x.shape[1], device=x.device)[None] < lengths[m].to(x.device)[:, None]
+            else:
+                valid[m] = None
+        return valid
+
+    def forward(self, inputs: dict[str, torch.Tensor], present: dict[str, torch.Tensor],
+                lengths: dict[str, torch.Tensor] | None = None, extras: bool = False):
         """Logits (B, num_classes) per branch: one per student modality and 'multimodal', plus the teacher's
-        training-only stream heads as 'multimodal/<m>'."""
-        shared = {m: self.shared[m](inputs[m]) for m in self.shared}
-        valid = {m: (inputs[m] != 0) if self.kinds[m] == "text" else None for m in self.shared}
-        logits = {m: branch(shared[m], valid[m]) for m, branch in self.students.items()}
+        training-only stream heads as 'multimodal/<m>'. With extras=True, returns (logits, extras) where
+        extras = {"feature": {branch: (B, D)}, "attention": {branch: (B, L_m)}} holds what the feature- and
+        attention-level transfer terms compare (teacher entries keyed 'multimodal/<m>' for attention)."""
+        valid = self.valid_masks({m: inputs[m] for m in self.shared}, lengths)
+        shared = {m: self.shared[m](inputs[m], valid[m]) for m in self.shared}
+        if not extras:
+            logits = {m: branch(shared[m], valid[m]) for m, branch in self.students.items()}
+            if self.teacher is not None:
+                logits.update(self.teacher(shared, valid, present))
+            return logits
+        logits, found = {}, {"feature": {}, "attention": {}}
+        for m, branch in self.students.items():
+            pooled, attention = branch.encode(shared[m], valid[m], want_attention=True)
+            logits[m] = branch.head(pooled)
+            if self.feature_proj is not None:
+                found["feature"][m] = self.feature_proj[m](pooled)
+            if attention is not None:
+                found["attention"][m] = attention
         if self.teacher is not None:
-            logits.update(self.teacher(shared, valid, present))
-        return logits
+            teacher_extras = {}
+            logits.update(self.teacher(shared, valid, present, extras=teacher_extras))
+            found["feature"][TEACHER] = teacher_extras["feature"]
+            found["attention"].update({f"{TEACHER}/{m}": a for m, a in teacher_extras["attention"].items()})
+        return logits, found
+
+
+def encoder_width(spec: ModalitySpec) -> int:
+    """Width of the encoder's last stage (builds it once on the meta device: no memory, no RNG)."""
+    with torch.device("meta"):
+        return spec.build_encoder().out_channels[-1]
 
 
 def build_model(specs: list[ModalitySpec], num_classes: int, *, mode: str, fusion: FusionConfig | None = None,
-                students: list[str] | None = None, init_seed: int = 0) -> CoTrainModel:
+                students: list[str] | None = None, init_seed: int = 0, task: str = "class",
+                feature_transfer: bool = False) -> CoTrainModel:
     """The model for one training mode; unimodal mode takes the single spec given."""
-    return CoTrainModel(specs, num_classes, mode=mode, students=students, fusion=fusion, init_seed=init_seed)
+    return CoTrainModel(specs, num_classes, mode=mode, students=students, fusion=fusion, init_seed=init_seed,
+                        task=task, feature_transfer=feature_transfer)
 
 
 @contextmanager

@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["StagedEncoder", "build_encoder", "ENCODERS", "tokens_of", "masked_mean"]
+__all__ = ["StagedEncoder", "Stages", "run_stages", "build_encoder", "ENCODERS", "tokens_of", "masked_mean",
+           "TransformerStage"]
 
 
 def _groups(channels: int) -> int:
@@ -33,14 +34,28 @@ class StagedEncoder(nn.Module):
         self.out_channels = list(out_channels)
         self.kind = kind
 
-    def run(self, x: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Apply stages[start:end] to x."""
-        for stage in self.stages[start:end]:
-            x = stage(x)
-        return x
+    def run(self, x: torch.Tensor, start: int = 0, end: int | None = None,
+            valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply stages[start:end] to x; `valid` (B, L) marks real tokens for stages that mask padding."""
+        return run_stages(self.stages[start:end], x, valid)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(x)
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        return self.run(x, valid=valid)
+
+
+def run_stages(stages, x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Apply each stage in turn, giving the padding mask to those that declare `takes_mask`."""
+    for stage in stages:
+        x = stage(x, valid) if getattr(stage, "takes_mask", False) else stage(x)
+    return x
+
+
+class Stages(nn.ModuleList):
+    """A run of stages (the shared part or a branch's rest); indexed like nn.Sequential, so state-dict
+    keys are the same as before masks existed."""
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        return run_stages(self, x, valid)
 
 
 def _conv3d_block(c_in: int, c_out: int, stride: tuple[int, int, int]) -> nn.Module:
@@ -102,11 +117,216 @@ def build_text_cnn(*, vocab_size: int, widths: tuple[int, ...] = (64, 128, 128))
     return StagedEncoder(stages, list(widths), kind="text")
 
 
+# ---------------------------------------------------------------------------------------------
+# ResNet-3D (video, depth): a stem and four stages of residual blocks.
+
+class _BasicBlock3d(nn.Module):
+    """Two 3x3x3 convolutions with a residual connection (a 1x1x1 projection when the shape changes)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: tuple[int, int, int]):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.GroupNorm(_groups(c_out), c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv3d(c_out, c_out, 3, padding=1, bias=False), nn.GroupNorm(_groups(c_out), c_out),
+        )
+        self.skip = nn.Identity() if c_in == c_out and stride == (1, 1, 1) else nn.Sequential(
+            nn.Conv3d(c_in, c_out, 1, stride=stride, bias=False), nn.GroupNorm(_groups(c_out), c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W)
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+def build_resnet3d(*, in_channels: int = 3, stem_width: int = 16, widths: tuple[int, ...] = (16, 32, 64, 128),
+                   depths: tuple[int, ...] = (1, 1, 1, 1)) -> StagedEncoder:
+    """ResNet-3D style: a stem (halves space), then four stages; stages 2-4 halve time and space.
+    Five stages in all, so shared_stages may be 0..4."""
+    if len(widths) != 4 or len(depths) != 4:
+        raise ValueError(f"resnet3d takes four stage widths and depths, got widths={widths}, depths={depths}")
+    stem = nn.Sequential(nn.Conv3d(in_channels, stem_width, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3),
+                                   bias=False), nn.GroupNorm(_groups(stem_width), stem_width), nn.ReLU(inplace=True))
+    stages, c_in = [stem], stem_width
+    for i, (width, depth) in enumerate(zip(widths, depths)):
+        stride = (1, 1, 1) if i == 0 else (2, 2, 2)
+        blocks = [_BasicBlock3d(c_in if j == 0 else width, width, stride if j == 0 else (1, 1, 1))
+                  for j in range(depth)]
+        stages.append(nn.Sequential(*blocks))
+        c_in = width
+    return StagedEncoder(stages, [stem_width, *widths], kind="video")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-frame 2D CNN then temporal 1-D convolutions (the authors' visual branch).
+
+class _FrameConv(nn.Module):
+    """A 2D conv block applied to every frame: (B, C, T, H, W) -> (B, C', T, H/2, W/2); with
+    `pool_space` the result is averaged over space to (B, C', T)."""
+
+    def __init__(self, c_in: int, c_out: int, pool_space: bool):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+                                   nn.GroupNorm(_groups(c_out), c_out), nn.ReLU(inplace=True))
+        self.pool_space = pool_space
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, t, h, w = x.shape
+        y = self.block(x.transpose(1, 2).reshape(b * t, c, h, w))  # (B*T, C', H', W')
+        y = y.reshape(b, t, *y.shape[1:]).transpose(1, 2)  # (B, C', T, H', W')
+        return y.mean(dim=(3, 4)) if self.pool_space else y
+
+
+def build_frames2d_temporal(*, in_channels: int = 3, frame_widths: tuple[int, ...] = (16, 32, 64),
+                            temporal_widths: tuple[int, ...] = (64, 64, 128, 128)) -> StagedEncoder:
+    """Frame stages (2D convs, the last one pools space) then temporal 1-D conv stages over (B, C, T)."""
+    stages, c_in = [], in_channels
+    for i, width in enumerate(frame_widths):
+        stages.append(_FrameConv(c_in, width, pool_space=i == len(frame_widths) - 1))
+        c_in = width
+    for width in temporal_widths:
+        stages.append(_conv1d_block(c_in, width, pool=1))
+        c_in = width
+    return StagedEncoder(stages, [*frame_widths, *temporal_widths], kind="video")
+
+
+def build_audio_cnn1d_blocks4(*, in_channels: int = 40, widths: tuple[int, ...] = (64, 128, 256, 128),
+                              features: str = "logmel") -> StagedEncoder:
+    """The authors' audio branch: four 1-D conv blocks over (B, F, T) log-mel or MFCC frames (F = in_channels)."""
+    if features not in ("logmel", "mfcc"):
+        raise ValueError(f"audio features must be 'logmel' or 'mfcc', got {features!r}")
+    if len(widths) != 4:
+        raise ValueError(f"the four-block audio CNN takes four widths, got {widths}")
+    encoder = build_audio_cnn1d(in_channels=in_channels, widths=widths)
+    encoder.input_features = features
+    return encoder
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformers (text, features) and a masked temporal CNN (features): sequence length is kept.
+
+def _fix_empty(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """A row with no valid token would make attention NaN: let it attend to its first token."""
+    if valid is None:
+        return None
+    first = valid[:, :1] | ~valid.any(dim=1, keepdim=True)  # out of place: ONNX has no in-place or
+    return torch.cat([first, valid[:, 1:]], dim=1)
+
+
+class TransformerStage(nn.Module):
+    """One pre-norm Transformer block over channels-first (B, D, L) tokens. With `record_attention`
+    set, the last forward's attention (B, L, L), averaged over heads, is kept in `attention`."""
+
+    takes_mask = True
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim))
+        self.drop = nn.Dropout(dropout)
+        self.record_attention = False
+        self.attention: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        x = x.transpose(1, 2)  # (B, L, D)
+        valid = _fix_empty(valid)
+        h = self.norm1(x)
+        out, weights = self.attn(h, h, h, key_padding_mask=None if valid is None else ~valid,
+                                 need_weights=self.record_attention, average_attn_weights=True)
+        self.attention = weights
+        x = x + self.drop(out)
+        x = x + self.drop(self.mlp(self.norm2(x)))
+        if valid is not None:
+            x = x * valid[..., None]
+        return x.transpose(1, 2)
+
+
+class _SequenceInput(nn.Module):
+    """Token ids (B, L) or features (B, L, F) -> (B, D, L) with learned positions."""
+
+    def __init__(self, dim: int, max_len: int, *, vocab_size: int | None = None, in_features: int | None = None):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=0) if vocab_size else nn.Linear(in_features, dim)
+        self.pos = nn.Parameter(torch.randn(max_len, dim) * 0.02)
+        self.ids = vocab_size is not None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = x.shape[1]
+        if length > self.pos.shape[0]:
+            raise ValueError(f"sequence of {length} steps exceeds the encoder's max_len={self.pos.shape[0]}; "
+                             f"raise max_len in the encoder config")
+        h = self.embed(x.long() if self.ids else x) + self.pos[:length]
+        return h.transpose(1, 2)  # (B, D, L)
+
+
+class _InputThenBlock(nn.Module):
+    takes_mask = True
+
+    def __init__(self, first: nn.Module, block: TransformerStage):
+        super().__init__()
+        self.input, self.block = first, block
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        return self.block(self.input(x), valid)
+
+
+def _transformer(first: nn.Module, dim: int, layers: int, heads: int, dropout: float, kind: str) -> StagedEncoder:
+    if layers < 1:
+        raise ValueError(f"a {kind} Transformer needs layers >= 1, got {layers}")
+    blocks = [TransformerStage(dim, heads, dropout) for _ in range(layers)]
+    stages = [_InputThenBlock(first, blocks[0]), *blocks[1:]]
+    return StagedEncoder(stages, [dim] * layers, kind=kind)
+
+
+def build_text_transformer(*, vocab_size: int, dim: int = 64, layers: int = 2, heads: int = 4, max_len: int = 512,
+                           dropout: float = 0.1) -> StagedEncoder:
+    """Token embedding with positions, then `layers` Transformer blocks (one stage each); id 0 is padding."""
+    return _transformer(_SequenceInput(dim, max_len, vocab_size=vocab_size), dim, layers, heads, dropout, "text")
+
+
+def build_features_transformer(*, in_channels: int, dim: int = 64, layers: int = 2, heads: int = 4,
+                               max_len: int = 512, dropout: float = 0.1) -> StagedEncoder:
+    """(B, T, F) feature sequences projected to `dim`, then `layers` Transformer blocks masked by length."""
+    return _transformer(_SequenceInput(dim, max_len, in_features=in_channels), dim, layers, heads, dropout,
+                        "features")
+
+
+class _MaskedConv1d(nn.Module):
+    """A 1-D conv block that keeps length and zeroes padded steps before and after (so padding never leaks)."""
+
+    takes_mask = True
+
+    def __init__(self, c_in: int, c_out: int, channels_last_input: bool = False):
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel_size=3, padding=1, bias=False)
+        # LayerNorm per step, not GroupNorm over time: statistics over time would include the padding
+        self.norm = nn.LayerNorm(c_out)
+        self.channels_last_input = channels_last_input
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        if self.channels_last_input:
+            x = x.transpose(1, 2)  # (B, T, F) -> (B, F, T)
+        if valid is not None:
+            x = x * valid[:, None, :].to(x.dtype)
+        y = torch.relu(self.norm(self.conv(x).transpose(1, 2)).transpose(1, 2))  # (B, C, T)
+        return y * valid[:, None, :].to(y.dtype) if valid is not None else y
+
+
+def build_features_tcn(*, in_channels: int, widths: tuple[int, ...] = (64, 128, 128)) -> StagedEncoder:
+    """A temporal CNN over (B, T, F) feature sequences, length kept and padding masked."""
+    stages, c_in = [], in_channels
+    for i, width in enumerate(widths):
+        stages.append(_MaskedConv1d(c_in, width, channels_last_input=i == 0))
+        c_in = width
+    return StagedEncoder(stages, list(widths), kind="features")
+
+
 ENCODERS: dict[str, dict[str, Callable[..., StagedEncoder]]] = {
-    "video": {"cnn3d": build_video_cnn3d},
-    "depth": {"cnn3d": build_video_cnn3d},
-    "audio": {"cnn1d": build_audio_cnn1d},
-    "text": {"cnn": build_text_cnn},
+    # the first name of each kind is its default (the demo's models)
+    "video": {"cnn3d": build_video_cnn3d, "resnet3d": build_resnet3d, "frames2d": build_frames2d_temporal},
+    "depth": {"cnn3d": build_video_cnn3d, "resnet3d": build_resnet3d, "frames2d": build_frames2d_temporal},
+    "audio": {"cnn1d": build_audio_cnn1d, "cnn1d4": build_audio_cnn1d_blocks4},
+    "text": {"cnn": build_text_cnn, "transformer": build_text_transformer},
+    "features": {"transformer": build_features_transformer, "tcn": build_features_tcn},
 }
 
 
@@ -118,7 +338,13 @@ def build_encoder(kind: str, name: str | None = None, **cfg) -> StagedEncoder:
     name = name or next(iter(names))
     if name not in names:
         raise ValueError(f"unknown {kind} encoder {name!r}; valid names: {', '.join(sorted(names))}")
-    return names[name](**cfg)
+    try:
+        encoder = names[name](**cfg)
+    except TypeError as err:  # a misspelt or missing option: name the encoder and what it takes
+        raise ValueError(f"{kind} encoder {name!r}: {err}; see {names[name].__name__}'s signature in "
+                         f"model/encoders.py") from err
+    encoder.kind = kind
+    return encoder
 
 
 def tokens_of(features: torch.Tensor) -> torch.Tensor:

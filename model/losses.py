@@ -1,5 +1,13 @@
-"""Co-training objectives: a task loss on every branch plus decision-level transfer from the
-multimodal teacher to each unimodal student.
+"""Co-training objectives: a task loss on every branch plus knowledge transfer from the multimodal
+teacher to each unimodal student, at three levels, each with its own weight:
+
+    decision   alpha * T^2 * KL(teacher || student) on softened outputs (classes; binary KL per label for
+               multi-label), or an L2 / L1 distance between predictions (regression)
+    feature    weight * (1 - cos(projected student feature, teacher feature))
+    attention  weight * KL(teacher's last-block attention over the modality's tokens || student's attention)
+
+The teacher's outputs, features and attention are detached in every term: transfer never trains the teacher,
+while the shared stages get gradients from both the student's and the teacher's own losses.
 
 Every function returns named terms; keys ending in `_loss` are summed into the objective
 (open_clip's convention), so adding a term never touches the training loop.
@@ -12,10 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from .cotrain import TEACHER
+from .tasks import TaskConfig, masked_mean as _masked_mean, task_loss
 
 GATES = ("none", "teacher_correct")
+DISTANCES = ("l2", "l1")
 
-__all__ = ["GATES", "TransferConfig", "task_loss", "decision_transfer", "cotrain_losses", "total_loss"]
+__all__ = ["GATES", "TransferConfig", "task_loss", "decision_transfer", "regression_transfer",
+           "multilabel_transfer", "feature_transfer", "attention_transfer", "cotrain_losses", "total_loss"]
 
 
 @dataclass
@@ -34,7 +45,14 @@ class TransferConfig:
     """Fraction of training over which alpha then ramps linearly from 0 to its full value."""
     gate: str = "teacher_correct"
     """Which samples transfer: 'none' (all, as in the paper) or 'teacher_correct' (only where the teacher's
-    prediction is the true label, so a wrong teacher never pulls a student away from the label)."""
+    prediction is the true label, so a wrong teacher never pulls a student away from the label; for
+    multi-label, where every label is right; regression has no such gate and transfers on all samples)."""
+    regression_distance: str = "l2"
+    """Decision-level distance for regression: l2 (squared error) or l1 between teacher and student outputs."""
+    feature: float = 0.0
+    """Weight of the feature-level term (cosine distance of projected pooled features); 0 = off."""
+    attention: float = 0.0
+    """Weight of the attention-level term (students with self-attention or attention pooling); 0 = off."""
 
     def __post_init__(self):
         if self.alpha < 0:
@@ -47,6 +65,24 @@ class TransferConfig:
             raise ValueError(f"transfer.warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
         if self.gate not in GATES:
             raise ValueError(f"transfer.gate must be one of {', '.join(GATES)}, got {self.gate!r}")
+        if self.regression_distance not in DISTANCES:
+            raise ValueError(f"transfer.regression_distance must be one of {', '.join(DISTANCES)}, "
+                             f"got {self.regression_distance!r}")
+        if self.feature < 0 or self.attention < 0:
+            raise ValueError(f"transfer.feature and transfer.attention must be >= 0, got {self.feature}, "
+                             f"{self.attention}")
+
+    @property
+    def needs_extras(self) -> bool:
+        """Whether the terms need the model's features and attention (forward with extras=True)."""
+        return self.feature > 0 or self.attention > 0
+
+    def ramp_at(self, progress: float) -> float:
+        """The schedule alone at `progress`: 0 until start_fraction, then linear to 1 over warmup_fraction."""
+        ramped = progress - self.start_fraction
+        if ramped < 0:
+            return 0.0
+        return 1.0 if self.warmup_fraction == 0 else min(1.0, ramped / self.warmup_fraction)
 
     def scale_at(self, progress: float) -> float:
         """alpha times the schedule at `progress` in [0, 1] of training: 0 until start_fraction, then a
@@ -57,18 +93,6 @@ class TransferConfig:
         if self.warmup_fraction == 0:
             return self.alpha
         return self.alpha * min(1.0, ramped / self.warmup_fraction)
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    weights = mask.to(values.dtype)
-    return (values * weights).sum() / weights.sum().clamp_min(1.0)
-
-
-def task_loss(logits: torch.Tensor, labels: torch.Tensor, present: torch.Tensor,
-              label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy averaged over the samples where the branch's input is present."""
-    loss = F.cross_entropy(logits, labels, reduction="none", label_smoothing=label_smoothing)
-    return _masked_mean(loss, present)
 
 
 def decision_transfer(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
@@ -85,34 +109,115 @@ def decision_transfer(student: torch.Tensor, teacher: torch.Tensor, temperature:
     return temperature ** 2 * _masked_mean(kl, present)
 
 
+def regression_transfer(student: torch.Tensor, teacher: torch.Tensor, distance: str,
+                        present: torch.Tensor) -> torch.Tensor:
+    """Mean over present samples of the L2 (squared) or L1 distance to the detached teacher, averaged over D."""
+    diff = student - teacher.detach()
+    per_sample = (diff.abs() if distance == "l1" else diff ** 2).mean(dim=-1)
+    return _masked_mean(per_sample, present)
+
+
+def multilabel_transfer(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                        present: torch.Tensor) -> torch.Tensor:
+    """T^2 * binary KL(sigmoid(teacher/T) || sigmoid(student/T)), averaged over labels, over present samples."""
+    log_s = torch.stack([F.logsigmoid(student / temperature), F.logsigmoid(-student / temperature)])  # (2, B, K)
+    log_t = torch.stack([F.logsigmoid(teacher.detach() / temperature), F.logsigmoid(-teacher.detach() / temperature)])
+    kl = (log_t.exp() * (log_t - log_s)).sum(dim=0).mean(dim=-1)  # (B,)
+    return temperature ** 2 * _masked_mean(kl, present)
+
+
+def feature_transfer(student: torch.Tensor, teacher: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity between the student's projected feature and the detached teacher feature, (B, D)."""
+    distance = 1 - F.cosine_similarity(student, teacher.detach(), dim=-1, eps=1e-8)
+    return _masked_mean(distance, present)
+
+
+def attention_transfer(student: torch.Tensor, teacher: torch.Tensor, present: torch.Tensor,
+                       eps: float = 1e-8) -> torch.Tensor:
+    """KL(teacher || student) between two (B, L) attention distributions over the same tokens, teacher
+    detached; positions where the teacher puts no mass (padding) contribute nothing."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"attention transfer compares attention over the same tokens, got student "
+                         f"{tuple(student.shape)} and teacher {tuple(teacher.shape)}: give the teacher's and "
+                         "student's rests the same encoder")
+    t = teacher.detach()
+    kl = (t * (torch.log(t + eps) - torch.log(student + eps))).sum(dim=-1)
+    return _masked_mean(torch.where(present, kl, torch.zeros_like(kl)), present)
+
+
 def cotrain_losses(logits: dict[str, torch.Tensor], labels: torch.Tensor, present: dict[str, torch.Tensor],
                    transfer: TransferConfig, transfer_scale: float | None = None,
-                   stream_label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
-    """Named loss terms: `<branch>_task_loss` for every branch, `<m>_transfer_loss` per student."""
+                   stream_label_smoothing: float = 0.0, *, task: TaskConfig | None = None,
+                   extras: dict | None = None, ramp: float = 1.0) -> dict[str, torch.Tensor]:
+    """Named loss terms: `<branch>_task_loss` for every branch, `<m>_stream_loss` per teacher stream, and per
+    student `<m>_transfer_loss` (decision), `<m>_feature_transfer_loss`, `<m>_attention_transfer_loss`.
+
+    The decision term is weighted by `transfer_scale` (default alpha); the feature and attention terms by their
+    weights times `ramp` (the transfer schedule at this step). `extras` is the model's forward(extras=True) output.
+    """
+    task = task or TaskConfig()
     any_present = torch.stack(list(present.values())).any(dim=0)
     terms = {}
     for branch, branch_logits in logits.items():
         if branch.startswith(f"{TEACHER}/"):  # a teacher stream: its modality's samples only
             m = branch.split("/", 1)[1]
-            terms[f"{TEACHER}_{m}_stream_loss"] = task_loss(branch_logits, labels, present[m], stream_label_smoothing)
+            smoothing = stream_label_smoothing if task.type == "class" else None
+            terms[f"{TEACHER}_{m}_stream_loss"] = task_loss(branch_logits, labels, present[m], task, smoothing)
             continue
         mask = any_present if branch == TEACHER else present[branch]
-        terms[f"{branch}_task_loss"] = task_loss(branch_logits, labels, mask)
+        terms[f"{branch}_task_loss"] = task_loss(branch_logits, labels, mask, task)
+    if TEACHER not in logits:
+        return terms
+    students = [b for b in logits if TEACHER not in b]
     scale = transfer.alpha if transfer_scale is None else transfer_scale
-    if TEACHER in logits and scale > 0:
-        trusted = _trusted(logits[TEACHER], labels, transfer.gate)
-        for branch in logits:
-            if TEACHER not in branch:
-                kl = decision_transfer(logits[branch], logits[TEACHER], transfer.temperature, present[branch] & trusted)
-                terms[f"{branch}_transfer_loss"] = scale * kl
+    trusted = _trusted(logits[TEACHER], labels, transfer.gate, task.type) if students else None
+    for branch in students:
+        mask = present[branch] & trusted
+        if scale > 0:
+            terms[f"{branch}_transfer_loss"] = scale * _decision(logits[branch], logits[TEACHER], transfer, task,
+                                                                 mask)
+        terms.update(_auxiliary_transfer(branch, extras, transfer, ramp, mask))
     return terms
 
 
-def _trusted(teacher: torch.Tensor, labels: torch.Tensor, gate: str) -> torch.Tensor:
+def _decision(student: torch.Tensor, teacher: torch.Tensor, transfer: TransferConfig, task: TaskConfig,
+              mask: torch.Tensor) -> torch.Tensor:
+    if task.type == "regression":
+        return regression_transfer(student, teacher, transfer.regression_distance, mask)
+    if task.type == "multilabel":
+        return multilabel_transfer(student, teacher, transfer.temperature, mask)
+    return decision_transfer(student, teacher, transfer.temperature, mask)
+
+
+def _auxiliary_transfer(branch: str, extras: dict | None, transfer: TransferConfig, ramp: float,
+                        mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The feature- and attention-level terms of one student, where switched on and available."""
+    terms = {}
+    if ramp <= 0 or not transfer.needs_extras:
+        return terms
+    if extras is None:
+        raise ValueError("transfer.feature / transfer.attention need the model's extras: call the model with "
+                         "extras=True (model.objective.step_loss does)")
+    if transfer.feature > 0:
+        if branch not in extras["feature"]:
+            raise ValueError(f"feature transfer needs the model built with feature_transfer=True "
+                             f"(no projection for student {branch!r})")
+        terms[f"{branch}_feature_transfer_loss"] = transfer.feature * ramp * feature_transfer(
+            extras["feature"][branch], extras["feature"][TEACHER], mask)
+    if transfer.attention > 0 and branch in extras["attention"]:  # students without attention have no term
+        terms[f"{branch}_attention_transfer_loss"] = transfer.attention * ramp * attention_transfer(
+            extras["attention"][branch], extras["attention"][f"{TEACHER}/{branch}"], mask)
+    return terms
+
+
+def _trusted(teacher: torch.Tensor, labels: torch.Tensor, gate: str, task: str = "class") -> torch.Tensor:
     """(B,) samples whose teacher output may be transferred under `gate`."""
-    if gate == "teacher_correct":
-        return teacher.detach().argmax(dim=-1) == labels
-    return torch.ones_like(labels, dtype=torch.bool)
+    everyone = torch.ones(teacher.shape[0], dtype=torch.bool, device=teacher.device)
+    if gate != "teacher_correct" or task == "regression":
+        return everyone
+    if task == "multilabel":
+        return ((teacher.detach() > 0) == (labels > 0.5)).all(dim=-1)
+    return teacher.detach().argmax(dim=-1) == labels
 
 
 def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:

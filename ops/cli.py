@@ -9,6 +9,8 @@ import click
 
 from shards.cli import shards_group
 
+from .ship import export_cmd, predict_cmd
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
@@ -18,6 +20,8 @@ def main(local_rank: int | None) -> None:
 
 
 main.add_command(shards_group, name="shards")
+main.add_command(export_cmd)
+main.add_command(predict_cmd)
 
 
 def _split_names(value: str | None) -> list[str]:
@@ -56,6 +60,11 @@ RUN_OPTIONS = {
                          "fusion.stream_label_smoothing"),
     "modality-dropout": (dict(type=float, help="Probability of hiding each modality from the teacher per sample."),
                          "fusion.modality_dropout"),
+    "students": (dict(help="Comma-separated modalities that get a unimodal branch (default: all); the others "
+                           "feed only the teacher."), "students"),
+    "feature-weight": (dict(type=float, help="Weight of feature-level transfer (0 = off)."), "transfer.feature"),
+    "attention-weight": (dict(type=float, help="Weight of attention-level transfer (0 = off)."),
+                         "transfer.attention"),
     "grad-clip": (dict(type=float, help="Global gradient-norm clip (0 turns it off)."), "optim.grad_clip"),
     "grad-accum": (dict(type=int, help="Micro-batches per optimizer step. [default: 1]"), "optim.grad_accum"),
     "zero-stage": (dict(type=click.IntRange(0, 3), help="DeepSpeed ZeRO stage. [default: 0]"), "optim.zero_stage"),
@@ -94,7 +103,7 @@ def _cli_layer(values: dict) -> dict:
         value = values.get(_param_name(flag))
         if value is None:
             continue
-        if key == "modalities":
+        if key in ("modalities", "students"):
             value = _split_names(value)
         *sections, leaf = key.split(".")
         node = layer
@@ -110,10 +119,13 @@ def resolve_run_config(preset, config_file, assignments, values: dict):
     from .presets import preset_layer
 
     try:
-        return resolve_config(preset=preset_layer(preset) if preset else None, file=config_file,
-                              cli=_cli_layer(values), assignments=list(assignments))
+        cfg = resolve_config(preset=preset_layer(preset) if preset else None, file=config_file,
+                             cli=_cli_layer(values), assignments=list(assignments))
     except (ValueError, FileNotFoundError, TypeError) as err:
         raise click.ClickException(str(err)) from err
+    if values.get("shared_stages") is not None:  # the command line beats a preset's per-modality split points
+        cfg.encoders = {k: {f: v for f, v in e.items() if f != "shared_stages"} for k, e in cfg.encoders.items()}
+    return cfg
 
 
 @main.command("train")

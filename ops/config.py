@@ -9,6 +9,7 @@ from pathlib import Path
 
 from model.cotrain import MODES, FusionConfig
 from model.losses import TransferConfig
+from model.tasks import TaskConfig
 from pipeline.dali_loader import LoaderConfig
 
 __all__ = ["OptimConfig", "MetricsConfig", "CheckpointConfig", "RunConfig", "deepspeed_config", "save_config",
@@ -100,12 +101,17 @@ class RunConfig:
     """Seeds model initialisation, shuffling and dropout."""
     shared_stages: int = 1
     """Encoder stages each modality shares between its unimodal branch and the teacher."""
+    students: list[str] = field(default_factory=list)
+    """Modalities that get a unimodal branch (empty = all); the others feed only the teacher."""
+    encoders: dict = field(default_factory=dict)
+    """Per modality kind or name: {"name", "shared_stages", "pool", **encoder options} (model/presets.py)."""
     eval_every: int = 1
     """Validate every N epochs (and after the last); each branch keeps its best weights. 0 turns it off."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -163,7 +169,7 @@ def _zero_section(o: OptimConfig) -> dict:
 
 
 SECTIONS = {"loader": LoaderConfig, "optim": OptimConfig, "transfer": TransferConfig, "fusion": FusionConfig,
-            "metrics": MetricsConfig, "checkpoint": CheckpointConfig}
+            "task": TaskConfig, "metrics": MetricsConfig, "checkpoint": CheckpointConfig}
 
 
 def _build(cls, data: dict, where: str = ""):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from model.cotrain import TEACHER, CoTrainModel, FusionConfig, ModalitySpec
+from model.cotrain import TEACHER, CoTrainModel
+from model.export import model_from_payload
 from pipeline.dali_loader import DaliLoader, LoaderConfig
 from pipeline.dataset import load_dataset_info
 
@@ -23,9 +24,7 @@ BEST_DIR = "best"
 
 def build_run_model(payload: dict) -> CoTrainModel:
     """Rebuild the model a checkpoint payload describes (without weights)."""
-    specs = [ModalitySpec(**s) for s in payload["specs"]]
-    return CoTrainModel(specs, payload["num_classes"], mode=payload["mode"],
-                        fusion=FusionConfig(**payload["fusion"]))
+    return model_from_payload(payload)
 
 
 def load_run(run: str | Path) -> tuple[CoTrainModel, dict]:
@@ -58,7 +57,7 @@ def score_branches(model: CoTrainModel, loader: DaliLoader, *, branches: list[st
     scorers = {}
     for batch in loader:
         batch = prepare(batch)
-        logits = model(batch.inputs, batch.present)
+        logits = model(batch.inputs, batch.present, getattr(batch, "lengths", None) or None)  # lengths mask padded sequences
         if not scorers:  # sized by the heads' outputs unless told
             scorers = {b: make_scorer(task, size or logits[b].shape[-1]) for b in branches}
         everyone = torch.ones(len(batch), dtype=torch.bool, device=batch.labels.device)

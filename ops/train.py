@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from model.cotrain import ModalitySpec, build_model
-from model.losses import cotrain_losses, total_loss
+from model.objective import step_loss
+from model.presets import modality_specs
 from pipeline.dali_loader import DaliLoader, model_inputs
 from pipeline.dataset import load_dataset_info
 
@@ -32,7 +33,7 @@ __all__ = ["train"]
 
 def _specs(cfg: RunConfig, modalities: dict[str, dict]) -> list[ModalitySpec]:
     shapes = model_inputs(modalities, cfg.loader)
-    return [ModalitySpec(name, m["kind"], shapes[name], cfg.shared_stages) for name, m in modalities.items()]
+    return modality_specs(modalities, shapes, shared_stages=cfg.shared_stages, encoders=cfg.encoders)
 
 
 def _log(rank: int, message: str) -> None:
@@ -77,7 +78,8 @@ class Trainer:
                                  seed=cfg.seed, rank=self.rank, world_size=self.world,
                                  device_id=self.local_rank if self.gpu else None)
         self.specs = _specs(cfg, self.modalities)
-        model = build_model(self.specs, self.info.num_classes, mode=cfg.mode, fusion=cfg.fusion, init_seed=cfg.seed)
+        cfg.task.type = getattr(self.info, "label", {}).get("type", "class")
+        model = self._build_model()
         steps = self.loader.steps_per_epoch
         self.total_steps = cfg.epochs * steps  # micro-steps: the transfer schedule's clock
         optimizer_steps = cfg.epochs * math.ceil(steps / cfg.optim.grad_accum)
@@ -90,6 +92,13 @@ class Trainer:
         self._stop = False       # agreed by every rank in _agree, so all of them checkpoint together
         if resume:
             self._restore(allow_reshard)
+
+    def _build_model(self):
+        """The model this run trains (also rank 0's plain copy for validation under ZeRO-3)."""
+        cfg = self.cfg
+        return build_model(self.specs, self.info.num_classes, mode=cfg.mode, fusion=cfg.fusion, init_seed=cfg.seed,
+                           students=cfg.students or None, task=cfg.task.type,
+                           feature_transfer=cfg.transfer.feature > 0)
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def _restore(self, allow_reshard: bool) -> None:
@@ -145,12 +154,9 @@ class Trainer:
 
     def _micro_step(self, batch, last_in_epoch: bool) -> tuple[dict[str, float], float] | None:
         """Forward, then backward and (at a group boundary) an optimizer step; None when skipped."""
-        logits = self.engine(batch.inputs, batch.present)
-        logits = {b: v.float() for b, v in logits.items()}
-        scale = self.cfg.transfer.scale_at(self.state.step / max(self.total_steps, 1))
-        terms = cotrain_losses(logits, batch.labels, batch.present, self.cfg.transfer, transfer_scale=scale,
-                               stream_label_smoothing=self.cfg.fusion.stream_label_smoothing)
-        loss = total_loss(terms)
+        loss, terms = step_loss(self.engine, batch, transfer=self.cfg.transfer, task=self.cfg.task,
+                                progress=self.state.step / max(self.total_steps, 1),
+                                stream_label_smoothing=self.cfg.fusion.stream_label_smoothing)
         bad, self._stop = self._agree(not bool(torch.isfinite(loss)))
         if bad:
             self._skip_bad_step()
@@ -255,8 +261,7 @@ class Trainer:
         loader = DaliLoader(self.info, "val", self.cfg.loader, modalities=list(self.modalities), training=False)
         copy = None
         if self.cfg.optim.zero_stage == 3:
-            copy = build_model(self.specs, self.info.num_classes, mode=self.cfg.mode, fusion=self.cfg.fusion,
-                               init_seed=self.cfg.seed).to(self.engine.device)
+            copy = self._build_model().to(self.engine.device)
         return loader, copy
 
     def _validation_model(self):

@@ -110,14 +110,14 @@ def test_a_partial_accumulation_group_at_epoch_end_is_stepped(tiny_shards, tmp_p
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_shards, tmp_path, monkeypatch):
     import ops.train as train_module
 
-    real, calls = train_module.total_loss, {"n": 0}
+    real, calls = train_module.step_loss, {"n": 0}
 
-    def poisoned(terms):  # steps 3 and 4 are NaN, then from step 8 on every step is
+    def poisoned(*args, **kwargs):  # steps 3 and 4 are NaN, then from step 8 on every step is
         calls["n"] += 1
-        loss = real(terms)
-        return loss * float("nan") if calls["n"] in (3, 4) or calls["n"] >= 8 else loss
+        loss, terms = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] in (3, 4) or calls["n"] >= 8 else loss), terms
 
-    monkeypatch.setattr(train_module, "total_loss", poisoned)
+    monkeypatch.setattr(train_module, "step_loss", poisoned)
     run = tmp_path / "nan"
     cfg = resolve_config(cli={"shards": str(tiny_shards), "out": str(run), "epochs": 4, "loader": {"batch_size": 4},
                               "metrics": {"port": 0}, "checkpoint": {"save_every": 2, "max_bad_steps": 3}})

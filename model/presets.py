@@ -1,0 +1,99 @@
+"""Presets matching the paper's three settings, as plain data in RunConfig's shape, and the function that
+turns a dataset's modalities plus per-modality encoder choices into ModalitySpecs.
+
+A preset is the lowest layer of a run's configuration: `cotrain train --preset NAME [--config FILE] [options]`
+applies the preset, then the config file, then the command-line options. Their sizes follow the paper's
+architectures at a scale a single GPU trains in minutes; they were not tuned on the paper's corpora.
+
+`encoders` maps a modality kind (or, taking precedence, a modality name) to
+`{"name": registered encoder, "shared_stages": N, "pool": "mean"|"attention", **encoder options}`.
+"""
+from __future__ import annotations
+
+import copy
+
+from .cotrain import ModalitySpec
+
+__all__ = ["PRESETS", "preset", "merge", "modality_specs"]
+
+PRESETS: dict[str, dict] = {
+    # NVGesture-style: RGB and depth clips, both through ResNet-3D; the stem and first stage are shared.
+    "gesture": {
+        "encoders": {
+            "video": {"name": "resnet3d", "shared_stages": 2, "stem_width": 32, "widths": [32, 64, 128, 256]},
+            "depth": {"name": "resnet3d", "shared_stages": 2, "stem_width": 32, "widths": [32, 64, 128, 256]},
+        },
+        "fusion": {"dim": 128, "layers": 2, "heads": 4},
+        "transfer": {"alpha": 1.0, "temperature": 2.0},
+    },
+    # RAVDESS-style (the authors' earlier branches): per-frame 2D CNN then temporal 1-D convs for the face
+    # video, four 1-D conv blocks for speech; fusion after the first two blocks of each branch.
+    "emotion": {
+        "encoders": {
+            "video": {"name": "frames2d", "shared_stages": 4, "frame_widths": [32, 64, 128],
+                      "temporal_widths": [64, 64, 128, 128]},
+            "audio": {"name": "cnn1d4", "shared_stages": 2, "widths": [64, 128, 256, 128]},
+        },
+        "fusion": {"dim": 128, "layers": 2, "heads": 4, "cross_layers": 1},
+        "task": {"label_smoothing": 0.1},
+        "transfer": {"alpha": 1.0, "temperature": 2.0},
+    },
+    # CMU-MOSEI-style: audio and video feature sequences and the transcript, all through Transformers; the
+    # students' self-attention lets attention-level transfer apply.
+    "sentiment": {
+        "encoders": {
+            "features": {"name": "transformer", "shared_stages": 1, "dim": 64, "layers": 3, "heads": 4},
+            "text": {"name": "transformer", "shared_stages": 1, "dim": 64, "layers": 3, "heads": 4},
+            "audio": {"name": "cnn1d4", "shared_stages": 2},
+            "video": {"name": "frames2d", "shared_stages": 4},
+        },
+        "fusion": {"dim": 64, "layers": 2, "heads": 4},
+        "task": {"regression_loss": "l1", "ccc_weight": 0.5},
+        "transfer": {"alpha": 1.0, "temperature": 2.0, "feature": 0.5, "attention": 0.5},
+    },
+}
+
+
+def preset(name: str) -> dict:
+    """A copy of the named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep merge: nested dicts are merged key by key, anything else in `override` replaces `base`."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else \
+            copy.deepcopy(value)
+    return out
+
+
+SPEC_KEYS = ("name", "shared_stages", "pool")
+
+
+def modality_specs(modalities: dict[str, dict], shapes: dict[str, dict], *, shared_stages: int,
+                   encoders: dict[str, dict] | None = None) -> list[ModalitySpec]:
+    """One ModalitySpec per dataset modality. Encoder choices come from `encoders` by kind then by name;
+    the input shape (in_channels, vocab_size) always comes from the data."""
+    encoders = encoders or {}
+    specs = []
+    for name, modality in modalities.items():
+        kind = modality["kind"]
+        choice = merge(encoders.get(kind, {}), encoders.get(name, {}))
+        options = {k: v for k, v in choice.items() if k not in SPEC_KEYS}
+        options.update(_input_shape(modality, shapes.get(name, {})))
+        specs.append(ModalitySpec(name, kind, options, int(choice.get("shared_stages", shared_stages)),
+                                  choice.get("name"), choice.get("pool", "mean")))
+    return specs
+
+
+def _input_shape(modality: dict, shape: dict) -> dict:
+    """The loader's shape arguments; features take their width from the dataset spec ("dim")."""
+    if modality["kind"] == "features" and "in_channels" not in shape:
+        if "dim" not in modality:
+            raise ValueError(f"features modality spec {modality} has no 'dim': rebuild the shards "
+                             "(`cotrain shards build`) so dataset.json records the feature width")
+        return {"in_channels": int(modality["dim"])}
+    return dict(shape)

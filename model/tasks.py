@@ -1,0 +1,122 @@
+"""Tasks: what a branch's outputs mean and how they are scored against the labels.
+
+    class       logits (B, K)  labels int64 (B,)          cross-entropy (optional label smoothing)
+    regression  preds  (B, D)  labels float32 (B, D)      MSE or L1, plus an optional CCC term
+    multilabel  logits (B, K)  labels float32 multi-hot   binary cross-entropy
+
+Losses are averaged over the samples where the branch's input is present (`present`, (B,) bool).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .cotrain import TASKS
+
+__all__ = ["TaskConfig", "REGRESSION_LOSSES", "masked_mean", "task_loss", "ccc", "MetricAccumulator"]
+
+REGRESSION_LOSSES = ("mse", "l1")
+
+
+@dataclass
+class TaskConfig:
+    """The task's loss options; `type` comes from the dataset's label (dataset.json "label"."type")."""
+
+    type: str = "class"
+    """class, regression or multilabel (set from the dataset by the trainer)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the branches' cross-entropy (classification)."""
+    regression_loss: str = "mse"
+    """Per-sample regression loss: mse or l1."""
+    ccc_weight: float = 0.0
+    """Weight of an added (1 - concordance correlation) term per output dimension (valence/arousal-style
+    targets, where CCC is the reported metric). Computed over the batch's present samples."""
+
+    def __post_init__(self):
+        if self.type not in TASKS:
+            raise ValueError(f"task.type must be one of {', '.join(TASKS)}, got {self.type!r}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"task.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.regression_loss not in REGRESSION_LOSSES:
+            raise ValueError(f"task.regression_loss must be one of {', '.join(REGRESSION_LOSSES)}, "
+                             f"got {self.regression_loss!r}")
+        if self.ccc_weight < 0:
+            raise ValueError(f"task.ccc_weight must be >= 0, got {self.ccc_weight}")
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (B,) values over the True samples of mask (0 when none)."""
+    weights = mask.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def ccc(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Concordance correlation coefficient per column of (N, D) predictions and targets: (D,)."""
+    mp, mt = pred.mean(dim=0), target.mean(dim=0)
+    vp, vt = pred.var(dim=0, unbiased=False), target.var(dim=0, unbiased=False)
+    cov = ((pred - mp) * (target - mt)).mean(dim=0)
+    return 2 * cov / (vp + vt + (mp - mt) ** 2).clamp_min(1e-8)
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, present: torch.Tensor, task: TaskConfig | None = None,
+              label_smoothing: float | None = None) -> torch.Tensor:
+    """The task loss of one branch, averaged over present samples. `label_smoothing` overrides the task's."""
+    task = task or TaskConfig()
+    if task.type == "class":
+        smoothing = task.label_smoothing if label_smoothing is None else label_smoothing
+        return masked_mean(F.cross_entropy(logits, labels, reduction="none", label_smoothing=smoothing), present)
+    if task.type == "multilabel":
+        bce = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(dim=-1)
+        return masked_mean(bce, present)
+    target = labels.to(logits.dtype).reshape(logits.shape)
+    distance = (logits - target).abs() if task.regression_loss == "l1" else (logits - target) ** 2
+    loss = masked_mean(distance.mean(dim=-1), present)
+    if task.ccc_weight > 0 and int(present.sum()) > 1:
+        loss = loss + task.ccc_weight * (1 - ccc(logits[present], target[present])).mean()
+    return loss
+
+
+class MetricAccumulator:
+    """Running score of one branch over batches; `result()` gives {"metric", "score", ...} where higher
+    "score" is better for every task (so best-epoch selection and teacher-vs-student checks work alike):
+    class -> accuracy; regression -> mean CCC over dimensions (with MSE and MAE); multilabel -> micro-F1."""
+
+    def __init__(self, task: str):
+        if task not in TASKS:
+            raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
+        self.task, self.samples = task, 0
+        self.correct = 0
+        self.preds: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        self.tp = self.fp = self.fn = 0
+
+    def update(self, outputs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
+        outputs, labels, mask = outputs.detach().float().cpu(), labels.cpu(), mask.cpu()
+        self.samples += int(mask.sum())
+        if self.task == "class":
+            self.correct += int(((outputs.argmax(-1) == labels) & mask).sum())
+        elif self.task == "regression":
+            self.preds.append(outputs[mask])
+            self.targets.append(labels.float().reshape(outputs.shape)[mask])
+        else:
+            predicted, truth = outputs[mask] > 0, labels[mask] > 0.5
+            self.tp += int((predicted & truth).sum())
+            self.fp += int((predicted & ~truth).sum())
+            self.fn += int((~predicted & truth).sum())
+
+    def result(self) -> dict:
+        n = max(self.samples, 1)
+        if self.task == "class":
+            return {"metric": "accuracy", "score": self.correct / n, "accuracy": self.correct / n,
+                    "samples": self.samples}
+        if self.task == "multilabel":
+            f1 = 2 * self.tp / max(2 * self.tp + self.fp + self.fn, 1)
+            return {"metric": "micro_f1", "score": f1, "micro_f1": f1, "samples": self.samples}
+        if not self.preds or self.samples == 0:
+            return {"metric": "ccc", "score": 0.0, "ccc": 0.0, "mse": 0.0, "mae": 0.0, "samples": 0}
+        pred, target = torch.cat(self.preds), torch.cat(self.targets)
+        value = float(ccc(pred, target).mean())
+        return {"metric": "ccc", "score": value, "ccc": value, "mse": float(((pred - target) ** 2).mean()),
+                "mae": float((pred - target).abs().mean()), "samples": self.samples}

@@ -1,0 +1,83 @@
+"""`cotrain predict`: run an exported unimodal model on raw media with the preprocessing the shards got.
+
+    raw file ─ shards.transcode (the shards' conversion) ─ the loader's DALI decode (same operators) ─ model
+The parameters (fps, frames, size, codec, sample rate, mel settings, tokenizer) come from the exported file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.export import ExportedModel
+
+__all__ = ["preprocess", "predict_files"]
+
+
+def _dali_decode(kind: str, encoded: bytes, spec: dict, loader: dict) -> torch.Tensor:
+    """Decode one encoded clip with the loader's own DALI operators on the CPU: video (C, T, H, W), audio (F, T)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from pipeline.dali_loader import LoaderConfig, _decode_audio, _decode_video
+
+    cfg = LoaderConfig(**loader)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, enable_conditionals=True, seed=0)
+    def _pipe():
+        data = fn.external_source(name="raw", dtype=types.UINT8, ndim=1)
+        return _decode_video(data, spec, False) if kind in ("video", "depth") else _decode_audio(data, spec, cfg, False)
+
+    pipe = _pipe()
+    pipe.build()
+    pipe.feed_input("raw", [np.frombuffer(encoded, dtype=np.uint8)])
+    (out,) = pipe.run()
+    return torch.from_numpy(np.array(out.as_array()[0]))
+
+
+def preprocess(meta: dict, source: str) -> tuple[torch.Tensor, ...]:
+    """The model's input (a batch of one) for a raw media file, or for text a file or the text itself."""
+    from shards.transcode import encode_text, read_text, transcode_audio, transcode_video
+
+    kind, spec = meta["spec"]["kind"], meta["source"]
+    if kind in ("video", "audio") and not Path(source).is_file():
+        raise FileNotFoundError(f"{source} not found: give a {kind} file (anything ffmpeg reads)")
+    if kind == "video":
+        encoded = transcode_video(source, fps=spec["fps"], frames=spec["frames"], height=spec["height"],
+                                  width=spec["width"], codec=spec.get("codec", "vp9"))
+        return (_dali_decode(kind, encoded, spec, meta["loader"])[None],)
+    if kind == "audio":
+        encoded = transcode_audio(source, sample_rate=spec["sample_rate"], samples=spec["samples"])
+        return (_dali_decode(kind, encoded, spec, meta["loader"])[None],)
+    if kind == "text":
+        from tokenizers import Tokenizer
+
+        text = read_text(Path(source)) if Path(source).is_file() else source
+        _, ids = encode_text(text, tokenizer=Tokenizer.from_str(meta["tokenizer"]), max_tokens=spec["max_tokens"])
+        return (torch.from_numpy(np.frombuffer(ids, dtype="<i4").copy())[None],)
+    if kind == "features":
+        steps = np.load(source).astype(np.float32)[: int(spec["max_frames"])]  # (T_i, D), trimmed like the shards
+        padded = np.zeros((int(spec["max_frames"]), steps.shape[1]), dtype=np.float32)
+        padded[: len(steps)] = steps
+        return torch.from_numpy(padded)[None], torch.tensor([len(steps)])
+    raise ValueError(f"predict does not read {kind} inputs yet; supported: video, audio, text, features")
+
+
+def _describe(meta: dict, outputs: torch.Tensor) -> dict:
+    """Class probabilities (class), per-label probabilities (multilabel) or the predicted values (regression)."""
+    task, names = meta.get("task", "class"), meta.get("class_names")
+    row = outputs[0].float()
+    if task == "regression":
+        return {"values": row.tolist()}
+    probs = torch.softmax(row, -1) if task == "class" else torch.sigmoid(row)
+    labels = names or [str(i) for i in range(len(probs))]
+    result = {"probabilities": dict(zip(labels, probs.tolist()))}
+    if task == "class":
+        result["prediction"] = labels[int(probs.argmax())]
+    return result
+
+
+def predict_files(model_path: str | Path, sources: list[str]) -> list[dict]:
+    """One result per input: {"input", and the task's outputs}."""
+    model = ExportedModel(model_path)
+    return [{"input": str(s), **_describe(model.meta, model(*preprocess(model.meta, s)))} for s in sources]

@@ -1,0 +1,124 @@
+"""model/cotrain.py options: teacher-only modalities, CLS pooling, cross-attention, features with lengths, extras."""
+import pytest
+import torch
+
+from model.cotrain import TEACHER, CoTrainModel, FusionConfig, ModalitySpec
+
+SPECS = [
+    ModalitySpec("rgb", "video", {"widths": (8, 8, 16)}),
+    ModalitySpec("depth", "depth", {"in_channels": 1, "stem_width": 4, "widths": (4, 8, 8, 8)}, 2, "resnet3d"),
+    ModalitySpec("words", "text", {"vocab_size": 20, "dim": 16, "layers": 2, "heads": 2, "dropout": 0.0}, 1,
+                 "transformer"),
+    ModalitySpec("au", "features", {"in_channels": 5, "widths": (8, 8)}, 1, "tcn", pool="attention"),
+]
+
+
+def _batch(b=4):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 20, (b, 6), generator=g)
+    ids[:, 4:] = 0
+    lengths = {"au": torch.tensor([7, 3, 5, 7])}
+    feats = torch.randn(b, 7, 5, generator=g) * (torch.arange(7)[None] < lengths["au"][:, None])[..., None]
+    inputs = {"rgb": torch.randn(b, 3, 4, 16, 16, generator=g), "depth": torch.rand(b, 1, 4, 16, 16, generator=g),
+              "words": ids, "au": feats}
+    present = {m: torch.ones(b, dtype=torch.bool) for m in inputs}
+    return inputs, present, lengths
+
+
+@pytest.mark.parametrize("fusion", [FusionConfig(), FusionConfig(pooling="cls", cross_layers=2, dropout=0.0),
+                                    FusionConfig(modality_embedding=False, position_embedding=False, late_fusion=False,
+                                                 stream_loss=False)])
+def test_every_option_runs_and_ignores_missing_modalities(fusion):
+    torch.manual_seed(0)
+    model = CoTrainModel(SPECS, 3, fusion=fusion).eval()
+    inputs, present, lengths = _batch()
+    present["words"] = torch.tensor([True, False, True, False])
+    ref = model(inputs, present, lengths)
+    assert all(torch.isfinite(v).all() and v.shape == (4, 3) for v in ref.values())
+    out = model(dict(inputs, words=(inputs["words"] * 7) % 19 + 1), present, lengths)
+    assert torch.allclose(out[TEACHER][1], ref[TEACHER][1], atol=1e-5)
+    assert torch.allclose(out[TEACHER][3], ref[TEACHER][3], atol=1e-5)
+    assert not torch.allclose(out[TEACHER][0], ref[TEACHER][0], atol=1e-4)
+
+
+def test_a_sample_with_every_modality_missing_stays_finite():
+    model = CoTrainModel(SPECS, 3, fusion=FusionConfig(pooling="cls", cross_layers=1)).eval()
+    inputs, present, lengths = _batch()
+    present = {m: torch.tensor([True, False, False, False]) for m in present}
+    assert all(torch.isfinite(v).all() for v in model(inputs, present, lengths).values())
+
+
+def test_teacher_only_modalities_get_no_student():
+    model = CoTrainModel(SPECS, 3, students=["rgb", "words"])
+    inputs, present, lengths = _batch()
+    logits = model(inputs, present, lengths)
+    assert model.branches == ["rgb", "words", TEACHER]
+    assert f"{TEACHER}/depth" in logits and "depth" not in logits
+    with pytest.raises(ValueError, match=r"students \['sound'\] are not among"):
+        CoTrainModel(SPECS, 3, students=["sound"])
+
+
+def test_feature_padding_is_masked_by_lengths():
+    model = CoTrainModel(SPECS, 3).eval()
+    inputs, present, lengths = _batch()
+    ref = model(inputs, present, lengths)
+    noisy = inputs["au"].clone()
+    noisy[1, 3:] = 100.0  # beyond sample 1's length
+    out = model(dict(inputs, au=noisy), present, lengths)
+    assert torch.allclose(out["au"][1], ref["au"][1], atol=1e-5)
+    assert torch.allclose(out[TEACHER][1], ref[TEACHER][1], atol=1e-5)
+
+
+def test_extras_give_features_and_attention_distributions():
+    model = CoTrainModel(SPECS, 3, feature_transfer=True, fusion=FusionConfig(dim=32)).eval()
+    inputs, present, lengths = _batch()
+    plain = model(inputs, present, lengths)
+    logits, extras = model(inputs, present, lengths, extras=True)
+    assert all(torch.allclose(plain[k], logits[k], atol=1e-6) for k in plain)
+    assert set(extras["feature"]) == {"rgb", "depth", "words", "au", TEACHER}
+    assert all(v.shape == (4, 32) for v in extras["feature"].values())
+    # students with attention: the text Transformer (self-attention) and the attention-pooled features branch
+    assert set(extras["attention"]) == {"words", "au"} | {f"{TEACHER}/{m}" for m in ("rgb", "depth", "words", "au")}
+    for m in ("words", "au"):
+        s, t = extras["attention"][m], extras["attention"][f"{TEACHER}/{m}"]
+        assert s.shape == t.shape
+        assert torch.allclose(s.sum(-1), torch.ones(4), atol=1e-5)
+        assert torch.allclose(t.sum(-1), torch.ones(4), atol=1e-5)
+    assert torch.all(extras["attention"]["au"][1, 3:] == 0)  # padding gets no attention
+    assert torch.all(extras["attention"]["words"][:, 4:] < 1e-6)
+
+
+def test_fusion_config_rules():
+    with pytest.raises(ValueError, match="fusion.pooling"):
+        FusionConfig(pooling="max")
+    with pytest.raises(ValueError, match="fusion.cross_layers"):
+        FusionConfig(cross_layers=-1)
+
+
+def test_teacher_stages_make_the_teachers_streams_shallower():
+    specs = [ModalitySpec("rgb", "video", {"widths": (8, 8, 16)}),
+             ModalitySpec("au", "audio", {"in_channels": 5, "widths": (8, 12, 16)})]
+    deep = CoTrainModel(specs, 3)
+    shallow = CoTrainModel(specs, 3, fusion=FusionConfig(teacher_stages=1))
+    assert len(deep.teacher.rests["au"]) == 2 and len(shallow.teacher.rests["au"]) == 1
+    assert shallow.teacher.proj["au"].in_features == 12  # the width after stage 2 (1 shared + 1 own)
+    inputs = {"rgb": torch.randn(2, 3, 4, 16, 16), "au": torch.randn(2, 5, 20)}
+    out = shallow(inputs, {m: torch.ones(2, dtype=torch.bool) for m in inputs})
+    assert out[TEACHER].shape == (2, 3)
+    with pytest.raises(ValueError, match="fusion.teacher_stages=3"):
+        CoTrainModel(specs, 3, fusion=FusionConfig(teacher_stages=3))
+
+
+def test_sharing_nothing_leaves_the_branches_linked_only_by_transfer():
+    from model.losses import TransferConfig, cotrain_losses
+
+    specs = [ModalitySpec("au", "audio", {"in_channels": 5, "widths": (8, 8, 8)}, 0),
+             ModalitySpec("words", "text", {"vocab_size": 20, "widths": (8, 8, 8)}, 0)]
+    model = CoTrainModel(specs, 3)
+    assert sum(p.numel() for p in model.shared.parameters()) == 0
+    ids = torch.randint(1, 20, (2, 5))
+    inputs = {"au": torch.randn(2, 5, 16), "words": ids}
+    present = {"au": torch.ones(2, dtype=torch.bool), "words": torch.ones(2, dtype=torch.bool)}
+    terms = cotrain_losses(model(inputs, present), torch.tensor([0, 2]), present, TransferConfig(alpha=0.0))
+    sum(v for k, v in terms.items() if k.startswith(TEACHER)).backward()
+    assert all(p.grad is None for p in model.students.parameters())  # the teacher's losses never reach a student
