@@ -158,11 +158,11 @@ def _resume_config(run: str, values: dict, assignments):
     if not saved.is_file():
         raise click.ClickException(f"{saved} not found: --resume takes a run directory written by `cotrain train`")
     layer = _cli_layer(values)
-    fixed = sorted(k for k in layer if k not in ("checkpoint", "metrics", "out"))
+    fixed = sorted(k for k in layer if k not in ("checkpoint", "metrics", "out", "shards"))
     if fixed:
         raise click.ClickException(f"--resume continues {run} with its own config; drop {', '.join(fixed)} "
                                    "(or start a new run with --out)")
-    return resolve_config(file=saved, cli=dict(layer, out=run), assignments=list(assignments))
+    return resolve_config(file=saved, cli=dict(layer, out=run), assignments=list(assignments))  # shards may move
 
 
 @main.group("config")
