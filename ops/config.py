@@ -9,7 +9,7 @@ from pathlib import Path
 
 from model.cotrain import MODES, FusionConfig
 from model.losses import TransferConfig
-from pipeline.dali_loader import LoaderConfig
+from pipeline.config import LoaderConfig
 
 __all__ = ["OptimConfig", "MetricsConfig", "RunConfig", "deepspeed_config", "save_config", "load_config"]
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from model.cotrain import TEACHER, CoTrainModel, FusionConfig, ModalitySpec
-from pipeline.dali_loader import DaliLoader, LoaderConfig
+from pipeline.config import LoaderConfig
+from pipeline.loader import BaseLoader, make_loader
 from pipeline.dataset import load_dataset_info
 
 __all__ = ["MODEL_FILE", "BEST_DIR", "build_run_model", "load_run", "score_branches", "evaluate_run", "format_scores",
@@ -38,7 +39,7 @@ def load_run(run: str | Path) -> tuple[CoTrainModel, dict]:
 
 
 @torch.no_grad()
-def score_branches(model: CoTrainModel, loader: DaliLoader, *, branches: list[str] | None = None,
+def score_branches(model: CoTrainModel, loader: BaseLoader, *, branches: list[str] | None = None,
                    prepare=lambda batch: batch) -> dict[str, dict]:
     """Accuracy of each branch over one pass of `loader`. A unimodal branch sees only its own input."""
     was_training = model.training
@@ -67,8 +68,8 @@ def evaluate_run(run: str | Path, *, split: str = "test", shards: str | None = N
     run = Path(run)
     model, payload = load_run(run)
     info = load_dataset_info(shards or payload["config"]["shards"])
-    loader = DaliLoader(info, split, LoaderConfig(**payload["config"]["loader"]),
-                        modalities=[s["name"] for s in payload["specs"]], training=False)
+    loader = make_loader(info, split, LoaderConfig(**payload["config"]["loader"]),
+                         modalities=[s["name"] for s in payload["specs"]], training=False)
     # branches that share weights (all of them with which='last') are scored in one pass
     sources: dict[Path | None, list[str]] = {}
     for branch in model.branches:

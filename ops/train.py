@@ -12,7 +12,8 @@ import torch
 
 from model.cotrain import ModalitySpec, build_model
 from model.losses import cotrain_losses, total_loss
-from pipeline.dali_loader import DaliLoader, model_inputs
+from pipeline.dali_loader import model_inputs
+from pipeline.loader import BaseLoader, make_loader
 from pipeline.dataset import load_dataset_info
 
 from .config import RunConfig, deepspeed_config, save_config
@@ -66,9 +67,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.info = load_dataset_info(cfg.shards)
         self.modalities = self.info.select(cfg.modalities)
-        self.loader = DaliLoader(self.info, "train", cfg.loader, modalities=list(self.modalities), training=True,
-                                 seed=cfg.seed, rank=self.rank, world_size=self.world,
-                                 device_id=self.local_rank if self.gpu else None)
+        self.loader = make_loader(self.info, "train", cfg.loader, modalities=list(self.modalities), training=True,
+                                  seed=cfg.seed, rank=self.rank, world_size=self.world,
+                                  device_id=self.local_rank if self.gpu else None)
         self.specs = _specs(cfg, self.modalities)
         model = build_model(self.specs, self.info.num_classes, mode=cfg.mode, fusion=cfg.fusion, init_seed=cfg.seed)
         self.total_steps = cfg.epochs * self.loader.steps_per_epoch
@@ -135,14 +136,14 @@ class Trainer:
                 torch.save(payload, self.out / MODEL_FILE)
         (self.out / f"params-rank{self.rank}.sha256").write_text(digest + "\n")
 
-    def _make_val_loader(self) -> DaliLoader | None:
+    def _make_val_loader(self) -> BaseLoader | None:
         """Rank 0 validates; under ZeRO-3 no rank holds the whole model, so validation waits for eval."""
         if self.rank != 0 or self.info.samples("val") == 0 or self.cfg.eval_every == 0:
             return None
         if self.cfg.optim.zero_stage == 3:
             print("note: per-epoch validation is off under ZeRO-3; run `cotrain eval --which last`", file=sys.stderr)
             return None
-        return DaliLoader(self.info, "val", self.cfg.loader, modalities=list(self.modalities), training=False)
+        return make_loader(self.info, "val", self.cfg.loader, modalities=list(self.modalities), training=False)
 
     def _validate(self, epoch: int, train_means: dict[str, float]) -> None:
         """Score every branch on val; keep each branch's best weights by its own val accuracy."""
