@@ -62,39 +62,47 @@ def decoded_in_feed(spec: dict, gpu: bool) -> bool:
 
 # -- graph ------------------------------------------------------------------------------------------
 
+def _zeros(shape: list[int], layout: str, gpu: bool):
+    from nvidia.dali import fn, types
+
+    return fn.constant(fdata=0.0, shape=shape, dtype=types.FLOAT, layout=layout, device="gpu" if gpu else "cpu")
+
+
 def _video(data, spec: dict, cfg: LoaderConfig, start, flip, *, gpu: bool, frames_fed: bool):
     from nvidia.dali import fn, types
 
     present = data.shape()[0] > 0
+    count = model_frames(spec, cfg)
     if present:
         frames = data if frames_fed else fn.decoders.video(data, device="mixed" if gpu else "cpu")
+        frames = fn.reshape(frames, layout="FHWC")
+        clip = fn.slice(frames, start, fn.constant(idata=[count], dtype=types.INT32), axes=[0])
+        # (T, H, W, C) uint8 -> (C, T, H, W) float, normalised; `mirror` is the per-sample horizontal flip
+        x = fn.crop_mirror_normalize(clip, dtype=types.FLOAT, output_layout="CFHW", mirror=flip,
+                                     mean=[VIDEO_MEAN] * 3, std=[VIDEO_STD] * 3)
     else:
-        shape = [spec["frames"], spec["height"], spec["width"], 3]
-        frames = fn.constant(idata=0, shape=shape, dtype=types.UINT8, layout="FHWC", device="gpu" if gpu else "cpu")
-    frames = fn.reshape(frames, layout="FHWC")
-    clip = fn.slice(frames, start, fn.constant(idata=[model_frames(spec, cfg)], dtype=types.INT32), axes=[0])
-    # (T, H, W, C) uint8 -> (C, T, H, W) float, normalised; `mirror` is the per-sample horizontal flip
-    return fn.crop_mirror_normalize(clip, dtype=types.FLOAT, output_layout="CFHW", mirror=flip,
-                                    mean=[VIDEO_MEAN] * 3, std=[VIDEO_STD] * 3), present
+        x = _zeros([3, count, spec["height"], spec["width"]], "CFHW", gpu)
+    return x, present
 
 
 def _depth(data, spec: dict, cfg: LoaderConfig, start, flip, *, gpu: bool):
     from nvidia.dali import fn, types
 
-    dtype = {"uint8": types.UINT8, "uint16": types.UINT16}[spec.get("dtype", "uint16")]
     present = data.shape()[0] > 0
+    count = model_frames(spec, cfg)
     if present:
         depth = fn.decoders.numpy(data)
+        depth = fn.expand_dims(fn.reshape(depth, layout="FHW"), axes=[3], new_axis_names="C")  # flip knows FHWC
+        if gpu:
+            depth = depth.gpu()
+        clip = fn.slice(depth, start, fn.constant(idata=[count], dtype=types.INT32), axes=[0])
+        clip = fn.flip(clip, horizontal=flip)
+        max_value = float(spec.get("max_value", 255 if spec.get("dtype") == "uint8" else 65535))
+        scaled = (fn.cast(clip, dtype=types.FLOAT) / max_value - DEPTH_MEAN) / DEPTH_STD
+        x = fn.transpose(scaled, perm=[3, 0, 1, 2], output_layout="CFHW")
     else:
-        depth = fn.constant(idata=0, shape=[spec["frames"], spec["height"], spec["width"]], dtype=dtype)
-    depth = fn.reshape(depth, layout="FHW")
-    if gpu:
-        depth = depth.gpu()
-    clip = fn.slice(depth, start, fn.constant(idata=[model_frames(spec, cfg)], dtype=types.INT32), axes=[0])
-    clip = fn.flip(clip, horizontal=flip)
-    max_value = float(spec.get("max_value", 255 if spec.get("dtype") == "uint8" else 65535))
-    scaled = (fn.cast(clip, dtype=types.FLOAT) / max_value - DEPTH_MEAN) / DEPTH_STD
-    return fn.expand_dims(scaled, axes=[0], new_axis_names="C"), present
+        x = _zeros([1, count, spec["height"], spec["width"]], "CFHW", gpu)
+    return x, present
 
 
 def _audio(data, spec: dict, cfg: LoaderConfig, *, gpu: bool):

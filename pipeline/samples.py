@@ -110,5 +110,6 @@ def feature_length(data: bytes | None, spec: dict) -> int:
 
     with io.BytesIO(data) as file:
         version = np.lib.format.read_magic(file)
-        shape, _, _ = np.lib.format._read_array_header(file, version)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(file)
     return min(int(shape[0]), int(spec["max_frames"]))
