@@ -144,7 +144,8 @@ class WdsLoader(BaseLoader):
         return torch.utils.data.DataLoader(tasks, batch_size=None, sampler=tags, num_workers=workers,
                                            collate_fn=_as_is,
                                            prefetch_factor=2 if workers else None,
-                                           multiprocessing_context="fork" if workers else None)
+                                           multiprocessing_context=_worker_context() if workers else None,
+                                           persistent_workers=False)
 
     def _open_stream(self, epoch: int, step: int):
         # an endless sampler: the workers run on across epoch boundaries, in order
@@ -156,6 +157,16 @@ class WdsLoader(BaseLoader):
         for _tag, batch, skipped in self._data_loader(tasks, [(0, s) for s in range(steps)]):
             self.skipped.update(skipped)
             yield batch
+
+
+def _worker_context():
+    """forkserver, not fork: DALI's (and torch's) threads in this process make forked children crash or
+    hang; the server preloads torch and this module, so each worker still starts in well under a second."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "pipeline.wds_loader"])
+    return context
 
 
 def _as_is(task):
