@@ -52,6 +52,7 @@ def test_restore_gives_the_uninterrupted_batches(tiny_shards, backend, stop_at):
     info = load_dataset_info(tiny_shards)
     workers = {"workers": 2} if stop_at == 7 else {}  # the DALI-free loader's worker processes, once
     _loader = lambda *a, **k: globals()["_loader"](*a, **workers, **k)  # noqa: E731
+    reference = _loader(info, backend)
     uninterrupted = [b for _ in range(3) for b in reference.epoch()]
     interrupted, taken = _loader(info, backend), 0
     for batch in interrupted.epoch():
