@@ -117,3 +117,15 @@ def test_h264_on_the_cpu_path_is_decoded_in_the_feed(h264_shards, tiny_shards):
         assert a.keys == b.keys and torch.allclose(a.inputs["rgb"], b.inputs["rgb"], atol=1e-5)
         for key, clip in zip(a.keys, a.inputs["rgb"]):  # two lossy codecs of the same frames (measured 0.13)
             assert (clip - vp9[key]).abs().mean() < 0.25
+
+
+def test_gpu_check_loader_part_runs_its_cpu_variant(h264_shards):
+    import subprocess
+    import sys
+
+    from bench.loader_check import check
+
+    result = check(str(h264_shards), "cpu", split="val")
+    assert result["ok"] and result["clips"] == 5 and result["path"] == "dali-cpu"
+    assert subprocess.run(["bash", "-n", "bench/gpu_check.sh"], check=False).returncode == 0
+    assert sys.modules["bench.loader_check"].MEAN_TOLERANCE_LEVELS >= result["worst_clip_mean_abs_diff_levels"]
