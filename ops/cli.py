@@ -56,11 +56,13 @@ def _split_names(value: str | None) -> list[str]:
 @click.option("--metrics-port", type=int, default=9400, show_default=True,
               help="Prometheus port of local rank 0 (rank r uses port + r); 0 turns it off.")
 @click.option("--metrics-host", default="127.0.0.1", show_default=True)
+@click.option("--on-corrupt", type=click.Choice(["skip", "fail"]), default="fail", show_default=True,
+              help="A shard sample that cannot be read: fail the run, or skip it (counted, logged).")
 def train_cmd(shards_dir, out, modalities, mode, epochs, seed, batch_size, lr, alpha, temperature, shared_stages,
               transfer_gate, transfer_start, transfer_warmup, stream_loss, late_fusion, detach_streams,
               stream_smoothing,
               modality_dropout, zero_stage, metrics_port,
-              metrics_host, grad_clip) -> None:
+              metrics_host, grad_clip, on_corrupt) -> None:
     """Train a run: co-trained (default), one unimodal baseline, or the multimodal baseline."""
     from .config import MetricsConfig, RunConfig
     from .train import train
@@ -69,6 +71,7 @@ def train_cmd(shards_dir, out, modalities, mode, epochs, seed, batch_size, lr, a
         cfg = RunConfig(shards=shards_dir, out=out, mode=mode, modalities=_split_names(modalities), epochs=epochs,
                         seed=seed, metrics=MetricsConfig(port=metrics_port, host=metrics_host))
         cfg.loader.batch_size = batch_size
+        cfg.loader.on_corrupt = on_corrupt
         cfg.optim.zero_stage = zero_stage
         _override(cfg, lr=lr, alpha=alpha, temperature=temperature, shared_stages=shared_stages, gate=transfer_gate,
                   start=transfer_start, warmup=transfer_warmup, stream_loss=stream_loss, late_fusion=late_fusion,
