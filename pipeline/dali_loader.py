@@ -17,7 +17,7 @@ fallback loader's; the external source costs one Python read per member (pread b
 from __future__ import annotations
 
 import collections
-import io
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -276,19 +276,41 @@ class DaliLoader(BaseLoader):
     backend = "dali"
 
     def _run(self, tags):
-        """(tag, Batch, skipped) per batch of `tags`, through a freshly built pipeline."""
+        """(tag, Batch, skipped) per batch of `tags`, through a freshly built pipeline. Under `skip`, a batch
+        DALI fails to decode is rebuilt by the DALI-free decoders (which replace the bad sample) and the
+        pipeline restarts at the next batch; the rebuilt batch is the same on every run, so resume stays exact."""
+        tags = iter(tags)
+        while True:
+            feed = _Feed(self, tags)
+            try:
+                yield from self._drain(feed)
+                return
+            except RuntimeError:
+                if self.cfg.on_corrupt != "skip" or not feed.queue:
+                    raise
+                tag, _samples, skipped = feed.queue.popleft()
+                tags = itertools.chain([queued[0] for queued in feed.queue], tags)
+                batch, fallback_skipped = self._decode_without_dali(tag)
+                yield tag, batch, skipped + fallback_skipped
+            finally:
+                feed.close()
+
+    def _drain(self, feed: "_Feed"):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        feed = _Feed(self, tags)
         pipe = build_pipeline(self.modalities, self.cfg, feed, seed=self.seed + 7919 * self.rank,
                               device_id=self.device_id)
         names = [f"{m}{suffix}" for m in self.modalities for suffix in ("", "__present")]
-        try:
-            for outputs in DALIGenericIterator([pipe], names, size=-1, auto_reset=False):
-                tag, samples, skipped = feed.queue.popleft()
-                yield tag, self._to_batch(outputs[0], samples), skipped
-        finally:
-            feed.close()
+        for outputs in DALIGenericIterator([pipe], names, size=-1, auto_reset=False):
+            tag, samples, skipped = feed.queue.popleft()
+            yield tag, self._to_batch(outputs[0], samples), skipped
+
+    def _decode_without_dali(self, tag: tuple[int, int]):
+        from .wds_loader import batch_tasks
+
+        _tag, batch, skipped = batch_tasks(self)[tag]
+        self.log_skip("decode_error", f"DALI could not decode batch {tag}; decoded it without DALI", 1)
+        return batch, skipped
 
     def _to_batch(self, out: dict, samples: list) -> Batch:
         count = len(samples)

@@ -46,6 +46,8 @@ def _decode_member(data: bytes, name: str, spec: dict, choices: SampleChoices, c
     kind = spec["kind"]
     if kind == "video":
         frames = decode_video(data, height=spec["height"], width=spec["width"])
+        if len(frames) < int(spec["frames"]):
+            raise DecodeError(f"video decodes to {len(frames)} frames, dataset.json says {spec['frames']}")
         return normalize_video(frames, start=choices.start[name], count=model_frames(spec, cfg),
                                flip=choices.flip[name])
     if kind == "depth":
@@ -131,13 +133,18 @@ class _BatchTasks(torch.utils.data.Dataset):
         return Batch(inputs, present, labels, [s.key for s in samples], lengths)
 
 
+def batch_tasks(loader: BaseLoader) -> _BatchTasks:
+    """dataset[(epoch, step)] of any loader's plan: also DaliLoader's way out of a batch DALI cannot decode."""
+    return _BatchTasks(loader.plan, loader.reader, loader.modalities, loader.cfg, loader.info.label)
+
+
 class WdsLoader(BaseLoader):
     """webdataset + torch DataLoader workers; the same batches as DaliLoader, without DALI."""
 
     backend = "wds"
 
     def _tasks(self, plan: EpochPlan) -> _BatchTasks:
-        return _BatchTasks(plan, self.reader, self.modalities, self.cfg, self.info.label)
+        return batch_tasks(self)
 
     def _data_loader(self, tasks: _BatchTasks, tags):
         workers = self.cfg.workers

@@ -4,6 +4,7 @@ import http.server
 import shutil
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -129,3 +130,34 @@ def test_gpu_check_loader_part_runs_its_cpu_variant(h264_shards):
     assert result["ok"] and result["clips"] == 5 and result["path"] == "dali-cpu"
     assert subprocess.run(["bash", "-n", "bench/gpu_check.sh"], check=False).returncode == 0
     assert sys.modules["bench.loader_check"].MEAN_TOLERANCE_LEVELS >= result["worst_clip_mean_abs_diff_levels"]
+
+
+@pytest.fixture
+def garbled_video(tiny_shards, tmp_path):
+    """A copy in which one train clip keeps its WebM header but its frames are noise."""
+    copy = tmp_path / "garbled"
+    shutil.copytree(tiny_shards, copy)
+    words = (copy / "train-000000.idx").read_text().splitlines()[2].split()
+    members = {words[i]: (int(words[i + 1]), int(words[i + 2]), words[i + 3]) for i in range(0, len(words), 4)}
+    offset, size, name = members["rgb.webm"]
+    data = bytearray((copy / "train-000000.tar").read_bytes())
+    noise = bytes(np.random.default_rng(0).integers(0, 256, size - 200, dtype=np.uint8))
+    data[offset + 200:offset + size] = noise
+    (copy / "train-000000.tar").write_bytes(bytes(data))
+    return copy, name.split(".")[0]
+
+
+@pytest.mark.parametrize("backend", ["dali", "wds"])
+def test_a_clip_that_does_not_decode_is_skipped(garbled_video, backend):
+    shards, bad_key = garbled_video
+    info = load_dataset_info(shards)
+    cfg = LoaderConfig(batch_size=4, workers=0, on_corrupt="skip", shuffle_buffer=0)
+    loader = make_loader(info, "train", cfg, modalities=["rgb"], training=True, backend=backend)
+    batches = list(loader.epoch())
+    assert len(batches) == 5 and all(len(b) == 4 for b in batches)
+    assert bad_key not in {k for b in batches for k in b.keys}
+    assert sum(loader.skipped.values()) >= 1
+    strict = make_loader(info, "train", LoaderConfig(batch_size=4, workers=0, shuffle_buffer=0), modalities=["rgb"],
+                         training=True, backend=backend)
+    with pytest.raises((RuntimeError, CorruptSample)):
+        list(strict.epoch())
