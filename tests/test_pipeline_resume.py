@@ -101,3 +101,16 @@ def test_eval_ranks_cover_the_split_once(tiny_shards, backend):
                                                       modalities=["text"], training=False, rank=r, world_size=2,
                                                       backend=backend) for k in b.keys]
     assert len(keys) == len(set(keys)) == info.samples("train")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_taken_while_a_batch_is_in_hand_resumes_after_it(tiny_shards, backend):
+    info = load_dataset_info(tiny_shards)
+    loader = _loader(info, backend)
+    batches = loader.epoch()
+    next(batches)
+    state = loader.state_dict()  # what a checkpoint after training on the first batch saves
+    second = next(batches)
+    restored = _loader(info, backend)
+    restored.load_state_dict(state)
+    assert state["step"] == 1 and _same(next(restored.epoch()), second)
