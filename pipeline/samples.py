@@ -13,7 +13,7 @@ import torch
 
 from .config import LoaderConfig
 from .order import sample_rng
-from .source import CorruptSample, RawSample, SampleReader, check_sample
+from .source import CorruptSample, SampleReader, check_sample
 
 __all__ = ["SampleChoices", "choose", "model_frames", "read_or_replace", "encode_labels", "RateLimitedLog"]
 

@@ -36,7 +36,8 @@ def test_depth_and_features_decode_to_the_stored_values(rich_shards, backend):
     batches = _eval_batches(info, backend)
     assert sum(len(b) for b in batches) == 10
     for batch in batches:
-        assert batch.inputs["depth"].shape == (len(batch), 1, 8, 32, 32) and batch.inputs["depth"].dtype == torch.float32
+        assert batch.inputs["depth"].shape == (len(batch), 1, 8, 32, 32)
+        assert batch.inputs["depth"].dtype == torch.float32
         assert batch.inputs["feat"].shape == (len(batch), 5, 6)
         assert batch.lengths["feat"].dtype == torch.int64
         for i, key in enumerate(batch.keys):
