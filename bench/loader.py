@@ -3,7 +3,7 @@
     .venv/bin/python bench/loader.py [--shards DIR] [--n 500] [--processes 2] [--batch-size 16]
 
 Without --shards it synthesises an n-sample corpus (video + audio) and builds VP9 shards first.
-Three rates over every train sample (rgb + audio, one evaluation pass each):
+Three rates over every sample of every split (rgb + audio, one evaluation pass each):
 - dali_samples_per_s: the DALI CPU path (pipeline.dali_loader, --processes DALI threads);
 - fallback_samples_per_s: the DALI-free loader (--processes DataLoader workers);
 - raw_decode_samples_per_s: the floor, ffmpeg decoding the same clips and WAVs to raw samples with
@@ -42,10 +42,11 @@ def build_corpus(n: int, folder: Path) -> Path:
 
 def loader_rate(info, backend: str, processes: int, batch_size: int) -> float:
     cfg = LoaderConfig(batch_size=batch_size, threads=processes, workers=processes)
-    loader = make_loader(info, "train", cfg, modalities=["rgb", "audio"], training=False, backend=backend)
     started, samples = time.perf_counter(), 0
-    for batch in loader:
-        samples += len(batch)
+    for split in info.splits:
+        loader = make_loader(info, split, cfg, modalities=["rgb", "audio"], training=False, backend=backend)
+        for batch in loader:
+            samples += len(batch)
     return samples / (time.perf_counter() - started)
 
 
@@ -57,8 +58,10 @@ def _raw_decode(members: dict, video_ext: str, audio_ext: str) -> None:
 
 
 def raw_decode_rate(info, processes: int) -> float:
-    reader = SampleReader(info.shards("train"))
-    members = [reader.read(i).members for i in range(len(reader))]  # read first: only decoding is timed
+    members = []
+    for split in info.splits:  # read first: only decoding is timed
+        reader = SampleReader(info.shards(split))
+        members += [reader.read(i).members for i in range(len(reader))]
     video_ext, audio_ext = info.modalities["rgb"]["ext"], info.modalities["audio"]["ext"]
     started = time.perf_counter()
     with ThreadPoolExecutor(processes) as pool:
@@ -76,12 +79,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="cotrain-bench-loader-") as folder:
         shards = Path(args.shards) if args.shards else build_corpus(args.n, Path(folder))
         info = load_dataset_info(shards)
-        result = {"samples": info.samples("train"), "processes": args.processes}
+        result = {"samples": sum(info.samples(split) for split in info.splits), "processes": args.processes}
         result["raw_decode_samples_per_s"] = raw_decode_rate(info, args.processes)
         result["dali_samples_per_s"] = loader_rate(info, "dali", args.processes, args.batch_size)
         result["fallback_samples_per_s"] = loader_rate(info, "wds", args.processes, args.batch_size)
         result["dali_ratio"] = result["dali_samples_per_s"] / result["raw_decode_samples_per_s"]
-        result["note"] = "one run on a shared machine; absolute rates are noisy, compare the ratio"
+        result["note"] = ("one run on a shared machine; absolute rates are noisy, compare the ratio. The raw floor and "
+                          "the DALI-free loader start one ffmpeg process per member, which dominates at small clip sizes")
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
 
 
