@@ -139,3 +139,15 @@ def test_config_errors_name_the_field(rich_shards):
         make_loader(info, "train", LoaderConfig(augment={"audio": {"hflip": 0.5}}), training=True)
     with pytest.raises(ValueError, match="backend"):
         make_loader(info, "train", LoaderConfig(), training=True, backend="torch")
+
+
+def test_auto_backend_falls_back_without_dali(tiny_shards, monkeypatch):
+    import sys
+
+    info = load_dataset_info(tiny_shards)
+    assert make_loader(info, "val", LoaderConfig(), training=False).backend == "dali"
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # as if nvidia-dali were not installed
+    loader = make_loader(info, "val", LoaderConfig(batch_size=2, workers=0), modalities=["text"], training=False)
+    assert loader.backend == "wds" and len(next(iter(loader))) == 2
+    with pytest.raises(ImportError, match="backend 'wds'"):
+        make_loader(info, "val", LoaderConfig(), training=False, backend="dali")
