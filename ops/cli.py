@@ -76,6 +76,9 @@ RUN_OPTIONS = {
     "keep-checkpoints": (dict(type=int, help="Checkpoints kept (>= 2). [default: 2]"), "checkpoint.keep"),
     "max-bad-steps": (dict(type=int, help="NaN/inf losses in a row before the run stops. [default: 5]"),
                       "checkpoint.max_bad_steps"),
+    "on-corrupt": (dict(type=click.Choice(["skip", "fail"]), help="A shard sample that cannot be read: fail the "
+                                                                   "run, or skip it (counted, logged). [default: fail]"),
+                   "loader.on_corrupt"),
     "metrics-port": (dict(type=int, help="Prometheus port of local rank 0 (rank r uses port + r); 0 turns it "
                                          "off. [default: 9400]"), "metrics.port"),
     "metrics-host": (dict(help="Address the exporter binds. [default: 127.0.0.1]"), "metrics.host"),

@@ -10,7 +10,7 @@ from pathlib import Path
 from model.cotrain import MODES, FusionConfig
 from model.losses import TransferConfig
 from model.tasks import TaskConfig
-from pipeline.dali_loader import LoaderConfig
+from pipeline.config import LoaderConfig
 
 __all__ = ["OptimConfig", "MetricsConfig", "CheckpointConfig", "RunConfig", "deepspeed_config", "save_config",
            "load_config", "resolve_config", "parse_assignment", "read_config_file"]

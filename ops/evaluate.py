@@ -10,7 +10,8 @@ import torch
 
 from model.cotrain import TEACHER, CoTrainModel
 from model.export import model_from_payload
-from pipeline.dali_loader import DaliLoader, LoaderConfig
+from pipeline.config import LoaderConfig
+from pipeline.loader import BaseLoader, make_loader
 from pipeline.dataset import load_dataset_info
 
 from .scores import is_better, make_scorer, primary_metric
@@ -47,7 +48,7 @@ def task_of(info) -> tuple[str, int]:
 
 
 @torch.no_grad()
-def score_branches(model: CoTrainModel, loader: DaliLoader, *, branches: list[str] | None = None,
+def score_branches(model: CoTrainModel, loader: BaseLoader, *, branches: list[str] | None = None,
                    prepare=lambda batch: batch, task: str = "class", size: int | None = None) -> dict[str, dict]:
     """The metrics of each branch over one pass of `loader` (ops/scores.py). A unimodal branch sees
     only its own input and is scored on the samples that have it."""
@@ -79,8 +80,8 @@ def evaluate_run(run: str | Path, *, split: str = "test", shards: str | None = N
     run = Path(run)
     model, payload = load_run(run)
     info = load_dataset_info(shards or payload["config"]["shards"])
-    loader = DaliLoader(info, split, LoaderConfig(**payload["config"]["loader"]),
-                        modalities=[s["name"] for s in payload["specs"]], training=False)
+    loader = make_loader(info, split, LoaderConfig(**payload["config"]["loader"]),
+                         modalities=[s["name"] for s in payload["specs"]], training=False)
     # branches that share weights (all of them with which='last') are scored in one pass
     sources: dict[Path | None, list[str]] = {}
     for branch in model.branches:

@@ -16,21 +16,31 @@ __all__ = ["preprocess", "predict_files"]
 
 
 def _dali_decode(kind: str, encoded: bytes, spec: dict, loader: dict) -> torch.Tensor:
-    """Decode one encoded clip with the loader's own DALI operators on the CPU: video (C, T, H, W), audio (F, T)."""
+    """Decode one encoded clip with the loader's own DALI graph on the CPU: video (C, T, H, W) from the centred
+    window, audio (F, T). Video DALI's CPU decoder cannot read (H.264) is decoded by ffmpeg first, as in the loader."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from pipeline.dali_loader import LoaderConfig, _decode_audio, _decode_video
+    from pipeline.config import LoaderConfig
+    from pipeline.dali_loader import _audio, _video, decoded_in_feed
+    from pipeline.decode import decode_video
+    from pipeline.samples import model_frames
 
     cfg = LoaderConfig(**loader)
+    frames_fed = kind == "video" and decoded_in_feed(spec, False)
+    raw = decode_video(encoded, height=spec["height"], width=spec["width"]) if frames_fed else \
+        np.frombuffer(encoded, dtype=np.uint8)
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=None, enable_conditionals=True, seed=0)
     def _pipe():
-        data = fn.external_source(name="raw", dtype=types.UINT8, ndim=1)
-        return _decode_video(data, spec, False) if kind in ("video", "depth") else _decode_audio(data, spec, cfg, False)
+        data = fn.external_source(name="raw", dtype=types.UINT8, ndim=raw.ndim)
+        if kind == "audio":
+            return _audio(data, spec, cfg, gpu=False)[0]
+        centred = fn.constant(idata=[(int(spec["frames"]) - model_frames(spec, cfg)) // 2], dtype=types.INT32)
+        return _video(data, spec, cfg, centred, 0, gpu=False, frames_fed=frames_fed)[0]
 
     pipe = _pipe()
     pipe.build()
-    pipe.feed_input("raw", [np.frombuffer(encoded, dtype=np.uint8)])
+    pipe.feed_input("raw", [raw])
     (out,) = pipe.run()
     return torch.from_numpy(np.array(out.as_array()[0]))
 

@@ -18,7 +18,8 @@ import torch
 from model.cotrain import ModalitySpec, build_model
 from model.objective import step_loss
 from model.presets import modality_specs
-from pipeline.dali_loader import DaliLoader, model_inputs
+from pipeline.dali_loader import model_inputs
+from pipeline.loader import BaseLoader, make_loader
 from pipeline.dataset import load_dataset_info
 
 from .checkpoint import CHECKPOINT_DIR, latest_tag, load_checkpoint, save_checkpoint
@@ -74,9 +75,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.info = load_dataset_info(cfg.shards)
         self.modalities = self.info.select(cfg.modalities)
-        self.loader = DaliLoader(self.info, "train", cfg.loader, modalities=list(self.modalities), training=True,
-                                 seed=cfg.seed, rank=self.rank, world_size=self.world,
-                                 device_id=self.local_rank if self.gpu else None)
+        self.loader = make_loader(self.info, "train", cfg.loader, modalities=list(self.modalities), training=True,
+                                  seed=cfg.seed, rank=self.rank, world_size=self.world,
+                                  device_id=self.local_rank if self.gpu else None)
         self.specs = _specs(cfg, self.modalities)
         cfg.task.type = getattr(self.info, "label", {}).get("type", "class")
         model = self._build_model()
@@ -258,7 +259,7 @@ class Trainer:
         gathers the weights into rank 0's plain copy, which validates alone."""
         if self.rank != 0 or self.info.samples("val") == 0 or self.cfg.eval_every == 0:
             return None, None
-        loader = DaliLoader(self.info, "val", self.cfg.loader, modalities=list(self.modalities), training=False)
+        loader = make_loader(self.info, "val", self.cfg.loader, modalities=list(self.modalities), training=False)
         copy = None
         if self.cfg.optim.zero_stage == 3:
             copy = self._build_model().to(self.engine.device)

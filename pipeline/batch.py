@@ -1,7 +1,7 @@
 """The one batch contract every loader yields and every model consumes."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,16 +12,19 @@ __all__ = ["Batch"]
 class Batch:
     """One batch of B samples.
 
-    inputs[m]:  video/depth (B, C, T, H, W) float; audio (B, F, T) log-mel float; text (B, L) int32 ids (0 = pad)
+    inputs[m]:  video (B, 3, T, H, W) and depth (B, 1, T, H, W) float; audio (B, F, T) log-mel or MFCC
+                float, or (B, S) waveform; text (B, L) int32 ids (0 = pad); features (B, T, D) float, zero-padded
     present[m]: (B,) bool, False where the sample lacks modality m (its input is zeros)
-    labels:     (B,) int64 class ids
+    labels:     class (B,) int64; regression (B, D) float32; multilabel (B, K) float32 multi-hot
     keys:       the samples' keys, for tracing a batch back to the corpus
+    lengths[m]: (B,) int64 valid length for text (non-pad tokens) and features (valid frames)
     """
 
     inputs: dict[str, torch.Tensor]
     present: dict[str, torch.Tensor]
     labels: torch.Tensor
     keys: list[str]
+    lengths: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -29,4 +32,4 @@ class Batch:
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
         return Batch({m: move(t) for m, t in self.inputs.items()}, {m: move(t) for m, t in self.present.items()},
-                     move(self.labels), self.keys)
+                     move(self.labels), self.keys, {m: move(t) for m, t in self.lengths.items()})

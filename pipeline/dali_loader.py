@@ -1,198 +1,336 @@
-"""NVIDIA DALI reads the shards (with their index files) and decodes every modality.
+"""NVIDIA DALI decodes every modality; the samples are fed by an external source that follows the
+loader's own epoch plan, so the order is seeded per epoch, resumable and identical to the DALI-free loader.
 
-Video is decoded on the GPU (`device="mixed"`) when a device id is given and on DALI's CPU
-operators otherwise; audio becomes per-sample-normalised log-mel features with DALI's
-spectrogram operators. A sample lacking a modality gets zeros and `present = False`, through
-DALI conditionals, so a batch never shrinks and every rank runs the same graph.
+    plan (epoch, step) -> read members (corrupt: replace) -> fn.external_source -> per-modality decode ->
+    (x_m, present_m) -> DALIGenericIterator -> Batch (keys, labels, lengths from the feed's queue)
+
+Video is decoded on the GPU (`device="mixed"`, any codec NVDEC reads) when a device id is given, and by
+DALI's CPU decoder otherwise, except H.264, which DALI's CPU decoder cannot read: those clips are
+decoded by ffmpeg inside the feed (a thread pool) and enter the pipeline as frames. Audio becomes
+per-sample-normalised log-mel or MFCC features with DALI's spectrogram operators. A missing modality
+gets zeros and `present = False` through DALI conditionals, so a batch never shrinks.
+
+Why not `fn.readers.webdataset` (it checkpoints in DALI 2.4): its shuffle is a buffer over the stored
+order with its own random stream, it reads no `https://` or `pipe:` URL, and its order cannot match the
+fallback loader's; the external source costs one Python read per member (pread by offset).
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import collections
+import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from .batch import Batch
-from .dataset import DatasetInfo
+from .config import LoaderConfig
+from .decode import (CUTOFF_DB, DEPTH_MEAN, DEPTH_STD, NORMALIZE_EPSILON, VIDEO_MEAN, VIDEO_STD, DecodeError,
+                     audio_analysis, decode_video)
+from .loader import BaseLoader
+from .samples import choose, encode_labels, feature_length, model_frames, read_or_replace
+from .source import CorruptSample
 
 __all__ = ["LoaderConfig", "DaliLoader", "model_inputs"]
 
-META_EXT = "json"
-VIDEO_MEAN, VIDEO_STD = 0.45 * 255, 0.225 * 255
-
-
-@dataclass
-class LoaderConfig:
-    """How batches are made from the shards."""
-
-    batch_size: int = 16
-    """Samples per batch on each rank."""
-    n_mels: int = 40
-    """Mel bands of the audio features."""
-    window_ms: float = 25.0
-    """Audio analysis window."""
-    hop_ms: float = 10.0
-    """Audio hop between windows."""
-    shuffle_buffer: int = 256
-    """DALI's shuffle buffer (initial_fill) in training; 0 disables shuffling."""
-    threads: int = 2
-    """DALI CPU worker threads per rank."""
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise ValueError(f"loader.batch_size must be >= 1, got {self.batch_size}")
+CPU_DECODABLE_CODECS = ("vp8", "vp9", "mjpeg")
 
 
 def model_inputs(modalities: dict[str, dict], cfg: LoaderConfig) -> dict[str, dict]:
     """What each modality looks like to the model: the encoder arguments its shape implies."""
     shapes = {}
     for name, m in modalities.items():
-        if m["kind"] in ("video", "depth"):
+        if m["kind"] == "video":
             shapes[name] = {"in_channels": 3}
+        elif m["kind"] == "depth":
+            shapes[name] = {"in_channels": 1}
         elif m["kind"] == "audio":
-            shapes[name] = {"in_channels": cfg.n_mels}
+            shapes[name] = {"in_channels": {"logmel": cfg.n_mels, "mfcc": cfg.n_mfcc, "waveform": 1}[
+                cfg.audio_features]}
         elif m["kind"] == "text":
             shapes[name] = {"vocab_size": int(m["vocab_size"])}
+        elif m["kind"] == "features":
+            shapes[name] = {"in_channels": int(m["dim"]), "max_frames": int(m["max_frames"])}
     return shapes
 
 
-def _decode_video(data, spec: dict, gpu: bool):
+def decoded_in_feed(spec: dict, gpu: bool) -> bool:
+    """Video DALI's CPU decoder cannot read (H.264): ffmpeg decodes it in the feed."""
+    codec = spec.get("codec") or {"webm": "vp9", "avi": "mjpeg", "mp4": "h264"}.get(spec["ext"].rsplit(".")[-1])
+    return spec["kind"] == "video" and not gpu and codec not in CPU_DECODABLE_CODECS
+
+
+# -- graph ------------------------------------------------------------------------------------------
+
+def _zeros(shape: list[int], layout: str, gpu: bool):
     from nvidia.dali import fn, types
 
-    if data.shape()[0] > 0:
-        frames = fn.decoders.video(data, device="mixed" if gpu else "cpu")
+    return fn.constant(fdata=0.0, shape=shape, dtype=types.FLOAT, layout=layout, device="gpu" if gpu else "cpu")
+
+
+def _video(data, spec: dict, cfg: LoaderConfig, start, flip, *, gpu: bool, frames_fed: bool):
+    from nvidia.dali import fn, types
+
+    present = data.shape()[0] > 0
+    count = model_frames(spec, cfg)
+    if present:
+        frames = data if frames_fed else fn.decoders.video(data, device="mixed" if gpu else "cpu")
+        frames = fn.reshape(frames, layout="FHWC")
+        clip = fn.slice(frames, start, fn.constant(idata=[count], dtype=types.INT32), axes=[0])
+        # (T, H, W, C) uint8 -> (C, T, H, W) float, normalised; `mirror` is the per-sample horizontal flip
+        x = fn.crop_mirror_normalize(clip, dtype=types.FLOAT, output_layout="CFHW", mirror=flip,
+                                     mean=[VIDEO_MEAN] * 3, std=[VIDEO_STD] * 3)
     else:
-        shape = [spec["frames"], spec["height"], spec["width"], 3]
-        frames = fn.constant(idata=0, shape=shape, dtype=types.UINT8, layout="FHWC", device="gpu" if gpu else "cpu")
-    # (T, H, W, C) uint8 -> (C, T, H, W) float, normalised
-    return fn.crop_mirror_normalize(frames, dtype=types.FLOAT, output_layout="CFHW",
-                                    mean=[VIDEO_MEAN] * 3, std=[VIDEO_STD] * 3)
+        x = _zeros([3, count, spec["height"], spec["width"]], "CFHW", gpu)
+    return x, present
 
 
-def _decode_audio(data, spec: dict, cfg: LoaderConfig, gpu: bool):
+def _depth(data, spec: dict, cfg: LoaderConfig, start, flip, *, gpu: bool):
+    from nvidia.dali import fn, types
+
+    present = data.shape()[0] > 0
+    count = model_frames(spec, cfg)
+    if present:
+        depth = fn.decoders.numpy(data)
+        depth = fn.expand_dims(fn.reshape(depth, layout="FHW"), axes=[3], new_axis_names="C")  # flip knows FHWC
+        if gpu:
+            depth = depth.gpu()
+        clip = fn.slice(depth, start, fn.constant(idata=[count], dtype=types.INT32), axes=[0])
+        clip = fn.flip(clip, horizontal=flip)
+        max_value = float(spec.get("max_value", 255 if spec.get("dtype") == "uint8" else 65535))
+        scaled = (fn.cast(clip, dtype=types.FLOAT) / max_value - DEPTH_MEAN) / DEPTH_STD
+        x = fn.transpose(scaled, perm=[3, 0, 1, 2], output_layout="CFHW")
+    else:
+        x = _zeros([1, count, spec["height"], spec["width"]], "CFHW", gpu)
+    return x, present
+
+
+def _audio(data, spec: dict, cfg: LoaderConfig, *, gpu: bool):
     from nvidia.dali import fn, types
 
     rate = int(spec["sample_rate"])
-    if data.shape()[0] > 0:
+    present = data.shape()[0] > 0
+    if present:
         wave, _ = fn.decoders.audio(data, downmix=True, sample_rate=rate, dtype=types.FLOAT)
     else:
         wave = fn.constant(fdata=0.0, shape=[int(spec["samples"])], dtype=types.FLOAT)
     if gpu:
         wave = wave.gpu()
-    window = int(rate * cfg.window_ms / 1000)
-    spec_ = fn.spectrogram(wave, nfft=int(2 ** np.ceil(np.log2(window))), window_length=window,
-                           window_step=int(rate * cfg.hop_ms / 1000))
-    mel = fn.mel_filter_bank(spec_, sample_rate=rate, nfilter=cfg.n_mels)
-    log_mel = fn.to_decibels(mel, cutoff_db=-80.0)
-    return fn.normalize(log_mel, epsilon=1e-3)  # (F, T), zero mean and unit variance per sample
+    if cfg.audio_features == "waveform":
+        return wave, present
+    window, hop, nfft = audio_analysis(rate, cfg)
+    power = fn.spectrogram(wave, nfft=nfft, window_length=window, window_step=hop)
+    mel = fn.mel_filter_bank(power, sample_rate=rate, nfilter=cfg.n_mels)
+    features = fn.to_decibels(mel, cutoff_db=CUTOFF_DB)
+    if cfg.audio_features == "mfcc":
+        features = fn.mfcc(features, n_mfcc=cfg.n_mfcc)
+    return fn.normalize(features, epsilon=NORMALIZE_EPSILON), present  # (F, T), zero mean, unit variance
 
 
-def _text_ids(data, spec: dict):
+def _text(data, spec: dict):
     from nvidia.dali import fn, types
 
-    if data.shape()[0] > 0:
+    present = data.shape()[0] > 0
+    if present:
         ids = data
     else:
         ids = fn.constant(idata=0, shape=[int(spec["max_tokens"])], dtype=types.INT32)
-    return ids
+    return ids, present
 
 
-def _reader_exts(modalities: dict[str, dict]) -> tuple[list[str], list]:
-    from nvidia.dali import types
+def _features(data, spec: dict, *, gpu: bool):
+    from nvidia.dali import fn, types
 
-    exts, dtypes = [META_EXT], [types.UINT8]
-    for m in modalities.values():
-        exts.append(m["ext"])
-        dtypes.append(types.INT32 if m["kind"] == "text" else types.UINT8)
-    return exts, dtypes
+    present = data.shape()[0] > 0
+    if present:
+        rows = fn.decoders.numpy(data)
+    else:
+        rows = fn.constant(fdata=0.0, shape=[1, int(spec["dim"])], dtype=types.FLOAT)
+        rows = fn.slice(rows, [0], [0], axes=[0])  # (0, D): the pad below fills it with zeros
+    if gpu:
+        rows = rows.gpu()
+    # trimmed to max_frames and zero-padded up to it, (T, D)
+    return fn.slice(rows, [0], [int(spec["max_frames"])], axes=[0], out_of_bounds_policy="pad"), present
 
 
-def build_pipeline(info: DatasetInfo, split: str, modalities: dict[str, dict], cfg: LoaderConfig, *,
-                   shard_id: int, num_shards: int, training: bool, seed: int, device_id: int | None):
-    """The DALI pipeline: reader -> per-modality decode -> (meta, x_m, present_m, ...)."""
-    from nvidia.dali import fn, pipeline_def
+def _feed_layout(modalities: dict[str, dict]) -> list[tuple[str, str]]:
+    """(modality, what) for each external-source output: the member, then frame start and flip per clip."""
+    layout = []
+    for name, spec in modalities.items():
+        layout.append((name, "data"))
+        if spec["kind"] in ("video", "depth"):
+            layout += [(name, "start"), (name, "flip")]
+    return layout
 
-    paths, index_paths = info.shard_paths(split)
-    exts, dtypes = _reader_exts(modalities)
+
+def build_pipeline(modalities: dict[str, dict], cfg: LoaderConfig, feed, *, seed: int, device_id: int | None):
+    """The DALI pipeline: external source -> per-modality decode -> (x_m, present_m, ...)."""
+    from nvidia.dali import fn, pipeline_def, types
+
     gpu = device_id is not None
+    layout = _feed_layout(modalities)
+    dtypes = [types.INT32 if what == "start" or (what == "data" and modalities[name]["kind"] == "text")
+              else types.INT32 if what == "flip" else types.UINT8 for name, what in layout]
 
-    @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.threads, device_id=device_id,
-                  seed=seed + 7919 * shard_id, enable_conditionals=True, prefetch_queue_depth=2)
+    @pipeline_def(batch_size=cfg.batch_size, num_threads=cfg.threads, device_id=device_id, seed=seed,
+                  enable_conditionals=True, prefetch_queue_depth=2, exec_dynamic=True)
     def _pipe():
-        shuffle = training and cfg.shuffle_buffer > 0
-        raw = fn.readers.webdataset(paths=paths, index_paths=index_paths, ext=exts, dtypes=dtypes,
-                                    missing_component_behavior="empty", random_shuffle=shuffle,
-                                    initial_fill=max(cfg.shuffle_buffer, 1), shard_id=shard_id,
-                                    num_shards=num_shards, pad_last_batch=not training, name="reader")
-        outputs = [fn.pad(raw[0], fill_value=0)]  # variable-length JSON -> one uniform uint8 array
-        for data, (name, spec) in zip(raw[1:], modalities.items()):
-            present = data.shape()[0] > 0
-            if spec["kind"] in ("video", "depth"):
-                x = _decode_video(data, spec, gpu)
-            elif spec["kind"] == "audio":
-                x = _decode_audio(data, spec, cfg, gpu)
+        fed = fn.external_source(source=feed, num_outputs=len(layout), dtype=dtypes, batch=True)
+        by_name = {(name, what): node for (name, what), node in zip(layout, fed)}
+        outputs = []
+        for name, spec in modalities.items():
+            data = by_name[(name, "data")]
+            kind = spec["kind"]
+            if kind == "video":
+                x = _video(data, spec, cfg, by_name[(name, "start")], by_name[(name, "flip")], gpu=gpu,
+                           frames_fed=decoded_in_feed(spec, gpu))
+            elif kind == "depth":
+                x = _depth(data, spec, cfg, by_name[(name, "start")], by_name[(name, "flip")], gpu=gpu)
+            elif kind == "audio":
+                x = _audio(data, spec, cfg, gpu=gpu)
+            elif kind == "text":
+                x = _text(data, spec)
             else:
-                x = _text_ids(data, spec)
-            outputs += [x, present]
+                x = _features(data, spec, gpu=gpu)
+            outputs += list(x)
         return tuple(outputs)
 
     return _pipe()
 
 
-class DaliLoader:
-    """Iterates Batches from one split. Training: endless, shuffled, `steps_per_epoch` per epoch on
-    every rank alike. Evaluation: exactly one pass over this rank's part, each sample once."""
+# -- feed -------------------------------------------------------------------------------------------
 
-    def __init__(self, info: DatasetInfo, split: str, cfg: LoaderConfig, *, modalities: list[str] | None = None,
-                 training: bool, seed: int = 0, rank: int = 0, world_size: int = 1, device_id: int | None = None):
-        self.info, self.split, self.cfg, self.training = info, split, cfg, training
-        self.modalities = info.select(modalities)
-        self.world_size = world_size
-        self.pipe = build_pipeline(info, split, self.modalities, cfg, shard_id=rank, num_shards=world_size,
-                                   training=training, seed=seed, device_id=device_id)
-        self.pipe.build()
-        self._iterator = self._make_iterator()
+class _Feed:
+    """Called by DALI once per batch: reads the next batch's members and queues its metadata.
 
-    @property
-    def steps_per_epoch(self) -> int:
-        """Batches per epoch, the same on every rank: the remainder of the split is left for the
-        next epoch (training), so no rank ever waits on a collective another rank never joins."""
-        steps = self.info.samples(self.split) // (self.cfg.batch_size * self.world_size)
-        if steps < 1:
-            raise ValueError(
-                f"split {self.split!r} has {self.info.samples(self.split)} samples, fewer than one batch on every "
-                f"rank ({self.cfg.batch_size} x {self.world_size} ranks); lower --batch-size"
-            )
-        return steps
+    Training feeds go on across epochs from (epoch, step); an evaluation feed stops after one pass
+    (its last batch padded with copies of its last sample, which the loader drops again)."""
 
-    def _output_map(self) -> list[str]:
-        names = ["meta"]
-        for m in self.modalities:
-            names += [m, f"{m}__present"]
-        return names
+    def __init__(self, loader: "DaliLoader", tags):
+        self.loader, self.tags = loader, iter(tags)
+        self.queue: collections.deque = collections.deque()
+        self.layout = _feed_layout(loader.modalities)
+        self.gpu = loader.device_id is not None
+        self._parts: dict[int, np.ndarray] = {}
+        self._pool = ThreadPoolExecutor(max(1, loader.cfg.threads))
 
-    def _make_iterator(self):
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    def _part(self, epoch: int) -> np.ndarray:
+        if epoch not in self._parts:
+            self._parts = {epoch: self.loader.part(epoch)}
+        return self._parts[epoch]
 
-        if self.training:  # endless: the reader wraps around epochs by itself
-            return DALIGenericIterator([self.pipe], self._output_map(), size=-1, auto_reset=False)
-        return DALIGenericIterator([self.pipe], self._output_map(), reader_name="reader",
-                                   last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True)
+    def __call__(self):
+        tag = next(self.tags, None)
+        if tag is None:
+            raise StopIteration
+        epoch, step = tag
+        part = self._part(epoch)
+        positions = self.loader.plan.positions(len(part), step)
+        futures = [self._pool.submit(self._one, part, p, epoch) for p in positions]
+        rows = [f.result() for f in futures]
+        skipped = collections.Counter()
+        for _sample, _row, counts in rows:
+            skipped.update(counts)
+        self.queue.append((tag, [r[0] for r in rows], skipped))
+        rows = [r[1] for r in rows]
+        rows += [rows[-1]] * (self.loader.cfg.batch_size - len(rows))
+        return tuple([row[i] for row in rows] for i in range(len(self.layout)))
 
-    def _to_batch(self, out: dict) -> Batch:
-        metas = [json.loads(bytes(row.numpy()).rstrip(b"\0")) for row in out["meta"]]
-        inputs = {m: out[m] for m in self.modalities}
-        present = {m: out[f"{m}__present"].reshape(-1).bool() for m in self.modalities}
-        labels = torch.tensor([int(meta["label"]) for meta in metas], dtype=torch.long)
-        return Batch(inputs, present, labels, [meta["key"] for meta in metas])
+    def _one(self, part: np.ndarray, position: int, epoch: int):
+        loader, skipped = self.loader, collections.Counter()
+
+        def prepare(sample):
+            choices = choose(loader.cfg, loader.modalities, seed=loader.seed, epoch=epoch, index=sample.index,
+                             training=loader.training)
+            return [self._array(sample, name, what, choices) for name, what in self.layout]
+
+        sample, row = read_or_replace(loader.reader, part, position, loader.modalities, policy=loader.cfg.on_corrupt,
+                                      skipped=skipped, logger=loader.log_skip, decode=prepare)
+        return sample, row, skipped
+
+    def _array(self, sample, name: str, what: str, choices) -> np.ndarray:
+        spec = self.loader.modalities[name]
+        if what == "start":
+            return np.array([choices.start[name]], dtype=np.int32)
+        if what == "flip":
+            return np.array(int(choices.flip[name]), dtype=np.int32)
+        data = sample.members.get(spec["ext"])
+        if spec["kind"] == "text":
+            return np.frombuffer(data, "<i4") if data is not None else np.zeros(0, np.int32)
+        if data is None:
+            return np.zeros((0, spec["height"], spec["width"], 3) if decoded_in_feed(spec, self.gpu) else 0, np.uint8)
+        if decoded_in_feed(spec, self.gpu):
+            try:
+                return decode_video(data, height=spec["height"], width=spec["width"])
+            except DecodeError as error:
+                raise CorruptSample("bad_member", f"{sample.key}.{spec['ext']}: {error}") from None
+        return np.frombuffer(data, np.uint8)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class DaliLoader(BaseLoader):
+    """DALI decodes; the feed follows the loader's plan (see pipeline/loader.py for the epoch semantics)."""
+
+    backend = "dali"
+
+    def _run(self, tags):
+        """(tag, Batch, skipped) per batch of `tags`, through a freshly built pipeline. Under `skip`, a batch
+        DALI fails to decode is rebuilt by the DALI-free decoders (which replace the bad sample) and the
+        pipeline restarts at the next batch; the rebuilt batch is the same on every run, so resume stays exact."""
+        tags = iter(tags)
+        while True:
+            feed = _Feed(self, tags)
+            try:
+                yield from self._drain(feed)
+                return
+            except RuntimeError:
+                if self.cfg.on_corrupt != "skip" or not feed.queue:
+                    raise
+                tag, _samples, skipped = feed.queue.popleft()
+                tags = itertools.chain([queued[0] for queued in feed.queue], tags)
+                batch, fallback_skipped = self._decode_without_dali(tag)
+                yield tag, batch, skipped + fallback_skipped
+            finally:
+                feed.close()
+
+    def _drain(self, feed: "_Feed"):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        pipe = build_pipeline(self.modalities, self.cfg, feed, seed=self.seed + 7919 * self.rank,
+                              device_id=self.device_id)
+        names = [f"{m}{suffix}" for m in self.modalities for suffix in ("", "__present")]
+        for outputs in DALIGenericIterator([pipe], names, size=-1, auto_reset=False):
+            tag, samples, skipped = feed.queue.popleft()
+            yield tag, self._to_batch(outputs[0], samples), skipped
+
+    def _decode_without_dali(self, tag: tuple[int, int]):
+        from .wds_loader import batch_tasks
+
+        _tag, batch, skipped = batch_tasks(self)[tag]
+        self.log_skip("decode_error", f"DALI could not decode batch {tag}; decoded it without DALI", 1)
+        return batch, skipped
+
+    def _to_batch(self, out: dict, samples: list) -> Batch:
+        count = len(samples)
+        inputs = {m: out[m][:count] for m in self.modalities}
+        present = {m: out[f"{m}__present"].reshape(-1)[:count].bool() for m in self.modalities}
+        lengths = {}
+        for name, spec in self.modalities.items():
+            if spec["kind"] == "text":
+                lengths[name] = (inputs[name] != 0).sum(dim=1).to(torch.int64).cpu()
+            elif spec["kind"] == "features":
+                lengths[name] = torch.tensor([feature_length(s.members.get(spec["ext"]), spec) for s in samples],
+                                             dtype=torch.int64)
+        labels = encode_labels([s.meta for s in samples], self.info.label)
+        return Batch(inputs, present, labels, [s.key for s in samples], lengths)
+
+    def _open_stream(self, epoch: int, step: int):
+        return self._run(self._tags(epoch, step))
 
     def __iter__(self):
-        for outputs in self._iterator:
-            yield self._to_batch(outputs[0])
-
-    def epoch(self):
-        """The next `steps_per_epoch` training batches."""
-        iterator = iter(self)
-        for _ in range(self.steps_per_epoch):
-            yield next(iterator)
+        steps = -(-len(self.part(0)) // self.cfg.batch_size)
+        for _tag, batch, skipped in self._run([(0, s) for s in range(steps)]):
+            self.skipped.update(skipped)
+            yield batch
