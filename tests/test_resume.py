@@ -159,3 +159,62 @@ def test_checkpoints_keep_the_newest_complete_ones(tiny_shards, tmp_path):
     assert len(kept) == 2 and latest_tag(run) == kept[-1]
     assert all((run / CHECKPOINT_DIR / k / "meta.json").is_file() and (run / CHECKPOINT_DIR / k / "rank-0.pt").is_file()
                for k in kept)
+
+
+# --- exact resume after kill -9 ----------------------------------------------------------------------------
+
+def _kill_then_resume(run: Path, shards: Path, args: list, *, kill_at: int, ranks: int):
+    killed = _launch(run, shards, *args, ranks=ranks, env={"COTRAIN_FAULT_KILL_AT_STEP": str(kill_at)})
+    assert killed.returncode != 0 and not (run / "model.pt").exists(), "the run should have died"
+    assert latest_tag(run) is not None
+    return killed
+
+
+def test_kill9_mid_epoch_then_resume_gives_bit_identical_parameters_one_rank(tiny_shards, tmp_path, monkeypatch):
+    import shutil
+
+    args = ["--save-every", "4"]  # checkpoint after step 4 of 5 in epoch 1; killed in epoch 2
+    whole = _launch(tmp_path / "whole", tiny_shards, *args)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run = tmp_path / "killed"
+    _kill_then_resume(run, tiny_shards, args, kill_at=7, ranks=1)
+    assert latest_tag(run) == "step-00000004"
+    control = tmp_path / "control"
+    shutil.copytree(run, control)
+
+    resumed = _launch(run, tiny_shards, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed" in resumed.stdout and "batch 4/5" in resumed.stdout
+    assert _digest(run) == _digest(tmp_path / "whole")
+
+    # negative control: the same resume without restoring the loader's position must not match
+    from pipeline.loader import BaseLoader
+    monkeypatch.setattr(BaseLoader, "load_state_dict", lambda self, state: None)
+    result = _invoke("train", "--resume", control)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert _digest(control) != _digest(tmp_path / "whole")
+
+
+def test_kill9_of_both_ranks_then_resume_gives_bit_identical_parameters_two_ranks(tiny_shards, tmp_path):
+    args = ["--save-every", "1", "--epochs", "3"]
+    whole = _launch(tmp_path / "whole", tiny_shards, *args, ranks=2)
+    assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+    run = tmp_path / "killed"
+    _kill_then_resume(run, tiny_shards, args, kill_at=3, ranks=2)
+    resumed = _launch(run, tiny_shards, ranks=2, resume=True)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed" in resumed.stdout
+    for rank in (0, 1):
+        assert _digest(run, rank) == _digest(tmp_path / "whole", rank)
+
+
+def test_resume_on_another_world_size_is_refused_unless_resharded(tiny_shards, tmp_path):
+    run = tmp_path / "one"
+    _kill_then_resume(run, tiny_shards, ["--save-every", "2"], kill_at=3, ranks=1)
+    refused = _launch(run, tiny_shards, ranks=2, resume=True)
+    assert refused.returncode != 0 and "world size 1 -> 2" in refused.stdout + refused.stderr
+    train = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+             str(VENV_BIN / "cotrain"), "train", "--resume", str(run), "--allow-reshard"]
+    resharded = subprocess.run(train, capture_output=True, text=True, timeout=600, env=_env())
+    assert resharded.returncode == 0, resharded.stdout[-3000:] + resharded.stderr[-3000:]
+    assert "restarts the data position" in resharded.stdout and (run / "model.pt").is_file()
