@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .cotrain import TASKS
 
-__all__ = ["TaskConfig", "REGRESSION_LOSSES", "masked_mean", "task_loss", "ccc", "MetricAccumulator"]
+__all__ = ["TaskConfig", "REGRESSION_LOSSES", "masked_mean", "task_loss", "ccc"]
 
 REGRESSION_LOSSES = ("mse", "l1")
 
@@ -77,46 +77,3 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, present: torch.Tensor,
         loss = loss + task.ccc_weight * (1 - ccc(logits[present], target[present])).mean()
     return loss
 
-
-class MetricAccumulator:
-    """Running score of one branch over batches; `result()` gives {"metric", "score", ...} where higher
-    "score" is better for every task (so best-epoch selection and teacher-vs-student checks work alike):
-    class -> accuracy; regression -> mean CCC over dimensions (with MSE and MAE); multilabel -> micro-F1."""
-
-    def __init__(self, task: str):
-        if task not in TASKS:
-            raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
-        self.task, self.samples = task, 0
-        self.correct = 0
-        self.preds: list[torch.Tensor] = []
-        self.targets: list[torch.Tensor] = []
-        self.tp = self.fp = self.fn = 0
-
-    def update(self, outputs: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> None:
-        outputs, labels, mask = outputs.detach().float().cpu(), labels.cpu(), mask.cpu()
-        self.samples += int(mask.sum())
-        if self.task == "class":
-            self.correct += int(((outputs.argmax(-1) == labels) & mask).sum())
-        elif self.task == "regression":
-            self.preds.append(outputs[mask])
-            self.targets.append(labels.float().reshape(outputs.shape)[mask])
-        else:
-            predicted, truth = outputs[mask] > 0, labels[mask] > 0.5
-            self.tp += int((predicted & truth).sum())
-            self.fp += int((predicted & ~truth).sum())
-            self.fn += int((~predicted & truth).sum())
-
-    def result(self) -> dict:
-        n = max(self.samples, 1)
-        if self.task == "class":
-            return {"metric": "accuracy", "score": self.correct / n, "accuracy": self.correct / n,
-                    "samples": self.samples}
-        if self.task == "multilabel":
-            f1 = 2 * self.tp / max(2 * self.tp + self.fp + self.fn, 1)
-            return {"metric": "micro_f1", "score": f1, "micro_f1": f1, "samples": self.samples}
-        if not self.preds or self.samples == 0:
-            return {"metric": "ccc", "score": 0.0, "ccc": 0.0, "mse": 0.0, "mae": 0.0, "samples": 0}
-        pred, target = torch.cat(self.preds), torch.cat(self.targets)
-        value = float(ccc(pred, target).mean())
-        return {"metric": "ccc", "score": value, "ccc": value, "mse": float(((pred - target) ** 2).mean()),
-                "mae": float((pred - target).abs().mean()), "samples": self.samples}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from model.tasks import ccc
+
 __all__ = ["TASKS", "make_scorer", "primary_metric", "is_better"]
 
 TASKS = ("class", "multilabel", "regression")
@@ -90,12 +92,8 @@ class RegressionScorer:
         if not self.predictions:
             return {"mae": float("nan"), "pearson": float("nan"), "ccc": float("nan"), "samples": 0}
         p, t = torch.cat(self.predictions).double(), torch.cat(self.targets).double()
-        pm, tm = p.mean(0), t.mean(0)
-        cov = ((p - pm) * (t - tm)).mean(0)
-        pv, tv = p.var(0, unbiased=False), t.var(0, unbiased=False)
-        pearson = cov / (pv * tv).sqrt().clamp(min=1e-12)
-        ccc = 2 * cov / (pv + tv + (pm - tm) ** 2).clamp(min=1e-12)
-        return {"mae": float((p - t).abs().mean()), "pearson": float(pearson.mean()), "ccc": float(ccc.mean()),
+        pearson = torch.stack([torch.corrcoef(torch.stack([p[:, d], t[:, d]]))[0, 1] for d in range(p.shape[1])])
+        return {"mae": float((p - t).abs().mean()), "pearson": float(pearson.mean()), "ccc": float(ccc(p, t).mean()),
                 "samples": len(p)}
 
 

@@ -10,7 +10,7 @@ from model.cotrain import TEACHER, CoTrainModel, ModalitySpec
 from model.losses import (TransferConfig, attention_transfer, cotrain_losses, feature_transfer, multilabel_transfer,
                           regression_transfer)
 from model.objective import step_loss
-from model.tasks import MetricAccumulator, TaskConfig, ccc, task_loss
+from model.tasks import TaskConfig, ccc, task_loss
 
 SPECS = [
     ModalitySpec("words", "text", {"vocab_size": 20, "dim": 16, "layers": 2, "heads": 2, "dropout": 0.0}, 1,
@@ -155,15 +155,3 @@ def test_task_losses_by_hand():
     with pytest.raises(ValueError, match="task.regression_loss"):
         TaskConfig(regression_loss="huber")
 
-
-def test_metric_accumulators():
-    acc = MetricAccumulator("class")
-    acc.update(torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]]), torch.tensor([0, 0, 1]),
-               torch.tensor([True, True, False]))
-    assert acc.result()["score"] == pytest.approx(0.5) and acc.result()["samples"] == 2
-    reg = MetricAccumulator("regression")
-    reg.update(torch.tensor([[1.0], [3.0]]), torch.tensor([[2.0], [1.0]]), torch.tensor([True, True]))
-    assert reg.result()["ccc"] == pytest.approx(-2 / 3) and reg.result()["mse"] == pytest.approx(2.5)
-    ml = MetricAccumulator("multilabel")
-    ml.update(torch.tensor([[1.0, -1.0, 1.0]]), torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([True]))
-    assert ml.result()["micro_f1"] == pytest.approx(2 * 1 / (2 + 1 + 1))
