@@ -218,3 +218,16 @@ def test_resume_on_another_world_size_is_refused_unless_resharded(tiny_shards, t
     resharded = subprocess.run(train, capture_output=True, text=True, timeout=600, env=_env())
     assert resharded.returncode == 0, resharded.stdout[-3000:] + resharded.stderr[-3000:]
     assert "restarts the data position" in resharded.stdout and (run / "model.pt").is_file()
+
+
+# --- every ZeRO stage with the co-trained model -----------------------------------------------------------
+
+@pytest.mark.parametrize("stage,extra", [(1, []), (2, ["--offload-optimizer", "--grad-accum", "2"]), (3, [])])
+def test_zero_stages_train_two_ranks_to_identical_parameters(tiny_shards, tmp_path, stage, extra):
+    run = tmp_path / f"zero{stage}"
+    done = _launch(run, tiny_shards, "--zero-stage", str(stage), *extra, ranks=2)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert _digest(run, 0) == _digest(run, 1)
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]  # validated every epoch, ZeRO-3 included
+    assert set(json.loads((run / "eval-val.json").read_text())["branches"]) == {"rgb", "audio", "text", "multimodal"}
