@@ -45,20 +45,30 @@ def _dali_decode(kind: str, encoded: bytes, spec: dict, loader: dict) -> torch.T
     return torch.from_numpy(np.array(out.as_array()[0]))
 
 
+def _convert(kind: str, source: Path, spec: dict) -> bytes:
+    """The member `cotrain shards build` would have stored for this file, with the stored spec's settings."""
+    from shards.transcode import AudioSettings, VideoSettings, convert_media
+
+    video = VideoSettings(fps=spec.get("fps", 1), frames=spec.get("frames", 1), height=spec.get("height", 1),
+                          width=spec.get("width", 1), codec=spec.get("codec", "vp9"), resize=spec.get("resize", "crop"),
+                          policy=spec.get("policy", "uniform"), stride=spec.get("stride", 1),
+                          keyint=spec.get("keyint", 0))
+    audio = AudioSettings(sample_rate=spec.get("sample_rate", 16000), samples=spec.get("samples", 1),
+                          format=spec.get("format", "wav"), fit=spec.get("fit", "start"))
+    members = convert_media({"x": (kind, source)}, video=video, audio=audio, depth={}, features={}, tokenizer=None,
+                            max_tokens=0)
+    return next(iter(members.values()))
+
+
 def preprocess(meta: dict, source: str) -> tuple[torch.Tensor, ...]:
     """The model's input (a batch of one) for a raw media file, or for text a file or the text itself."""
-    from shards.transcode import encode_text, read_text, transcode_audio, transcode_video
+    from shards.transcode import encode_text, read_text
 
     kind, spec = meta["spec"]["kind"], meta["source"]
     if kind in ("video", "audio") and not Path(source).is_file():
         raise FileNotFoundError(f"{source} not found: give a {kind} file (anything ffmpeg reads)")
-    if kind == "video":
-        encoded = transcode_video(source, fps=spec["fps"], frames=spec["frames"], height=spec["height"],
-                                  width=spec["width"], codec=spec.get("codec", "vp9"))
-        return (_dali_decode(kind, encoded, spec, meta["loader"])[None],)
-    if kind == "audio":
-        encoded = transcode_audio(source, sample_rate=spec["sample_rate"], samples=spec["samples"])
-        return (_dali_decode(kind, encoded, spec, meta["loader"])[None],)
+    if kind in ("video", "audio"):
+        return (_dali_decode(kind, _convert(kind, Path(source), spec), spec, meta["loader"])[None],)
     if kind == "text":
         from tokenizers import Tokenizer
 
