@@ -1,0 +1,159 @@
+"""ops/ observability: the exporter's metrics, the shard build's metrics, file_sd targets, alert rules,
+dashboards, and a real Prometheus scraping a real 2-rank run."""
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from ops.engine import free_port
+from ops.metrics import BuildMetrics, TrainingMetrics, read_grad_norm, write_scrape_target
+from shards.build import build_shards
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMETHEUS_DIR = ROOT / "ops" / "prometheus"
+GRAFANA_DIR = ROOT / "ops" / "grafana"
+ALLOWED_LABELS = {"rank", "local_rank", "branch", "term", "reason", "split"}
+INFO_LABELS = {"version", "zero_stage", "world_size", "mode"}  # cotrain_build_info only: constant per run
+
+
+def _samples(text: str) -> dict:
+    """{(sample name, frozenset of label items): value} of an exposition."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _value(text: str, name: str, **labels) -> float:
+    return _samples(text)[(name, frozenset({k: str(v) for k, v in labels.items()}.items()))]
+
+
+def _promtool(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is missing: run `make system-deps` as root (installs Debian's prometheus)")
+    return subprocess.run(["promtool", *args], input=stdin, capture_output=True, text=True, timeout=120)
+
+
+def _recorded_metrics() -> TrainingMetrics:
+    metrics = TrainingMetrics(rank=1, local_rank=1)
+    metrics.describe_run(version="0.1.0", zero_stage=2, world_size=2, mode="cotrain", checkpoint_every=5)
+    for step in range(4):
+        metrics.record_step(terms={"rgb_task_loss": 1.5, "rgb_transfer_loss": 0.25, "multimodal_task_loss": 1.0},
+                            total=2.75, batch_size=4, step_seconds=0.3, wait_seconds=0.1, lr=1e-3,
+                            grad_norm=2.0 + step, loader_skipped={"bad_member": step})
+    metrics.record_skip("nonfinite_loss")
+    metrics.record_checkpoint(1.25)
+    metrics.record_eval("val", {"rgb": {"accuracy": 0.5, "macro_f1": 0.4, "samples": 5}}, epoch=3)
+    return metrics
+
+
+# --- 1. metrics ----------------------------------------------------------------------------------------------
+def test_training_metrics_record_what_the_loop_reports():
+    text = _recorded_metrics().exposition()
+    assert _value(text, "cotrain_steps_total", rank=1) == 4
+    assert _value(text, "cotrain_samples_total", rank=1) == 16
+    assert _value(text, "cotrain_loss", rank=1, branch="rgb", term="transfer") == 0.25
+    assert _value(text, "cotrain_gradient_norm", rank=1) == 5.0
+    assert _value(text, "cotrain_data_wait_ratio", rank=1) == pytest.approx(0.25)
+    assert _value(text, "cotrain_loader_skipped_samples_total", rank=1, reason="bad_member") == 3
+    assert _value(text, "cotrain_loader_skipped_samples_total", rank=1, reason="truncated_shard") == 0
+    assert _value(text, "cotrain_skipped_steps_total", rank=1, reason="nonfinite_loss") == 1
+    assert _value(text, "cotrain_eval_accuracy_ratio", rank=1, branch="rgb", split="val") == 0.5
+    assert _value(text, "cotrain_eval_epoch", rank=1, split="val") == 3
+    assert _value(text, "cotrain_checkpoint_interval_steps", rank=1) == 5
+    assert _value(text, "cotrain_build_info", rank=1, local_rank=1, version="0.1.0", zero_stage=2,
+                  world_size=2, mode="cotrain") == 1
+    assert _value(text, "cotrain_checkpoint_duration_seconds_count", rank=1) == 1
+    rss = _value(text, "cotrain_host_memory_bytes", rank=1)
+    assert 10e6 < rss < 1e12  # a Python process with torch loaded holds tens of MB at least
+    assert "cotrain_device_memory" not in text  # GPU only
+
+
+def test_labels_are_bounded_and_names_follow_the_conventions():
+    families = list(text_string_to_metric_families(_recorded_metrics().exposition()))
+    for family in families:
+        assert family.name.startswith("cotrain_")
+        labels = {k for s in family.samples for k in s.labels if k != "le"}
+        allowed = ALLOWED_LABELS | (INFO_LABELS if family.name == "cotrain_build_info" else set())
+        assert labels <= allowed, (family.name, labels)
+
+
+def test_promtool_accepts_the_exposition():
+    done = _promtool("check", "metrics", stdin=_recorded_metrics().exposition())
+    assert done.returncode == 0 and not done.stdout.strip() and "error" not in done.stderr.lower(), \
+        done.stdout + done.stderr
+
+
+def test_grad_norm_is_read_where_the_engine_has_it():
+    class Engine:
+        def __init__(self, value):
+            self.value = value
+
+        def get_global_grad_norm(self):
+            return self.value
+
+    assert read_grad_norm(Engine(torch.tensor(3.5))) == 3.5
+    assert read_grad_norm(Engine(None)) is None
+    assert read_grad_norm(Engine(float("nan"))) is None
+    assert read_grad_norm(object()) is None
+
+
+def test_a_busy_port_warns_and_does_not_raise():
+    first = TrainingMetrics()
+    port = free_port()
+    assert first.serve(host="127.0.0.1", port=port) == f"http://127.0.0.1:{port}/metrics"
+    try:
+        with pytest.warns(UserWarning, match="cannot serve"):
+            assert TrainingMetrics().serve(host="127.0.0.1", port=port) is None
+        with pytest.warns(UserWarning, match="--metrics-host"):
+            assert TrainingMetrics().serve(host="no-such-host.invalid", port=free_port()) is None
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "cotrain_build_info" in body
+    finally:
+        first.close()
+
+
+def test_each_rank_writes_its_own_file_sd_target(tmp_path):
+    run = tmp_path / "run-a"
+    for rank in range(3):
+        write_scrape_target(run, rank=rank, host="127.0.0.1", port=9400 + rank)
+    files = sorted((run / "prometheus-targets").glob("*.json"))
+    entries = [json.loads(f.read_text())[0] for f in files]
+    assert [e["targets"] for e in entries] == [["127.0.0.1:9400"], ["127.0.0.1:9401"], ["127.0.0.1:9402"]]
+    assert all(e["labels"] == {"run": "run-a"} for e in entries)
+    wildcard = json.loads(write_scrape_target(run, rank=0, host="0.0.0.0", port=9400).read_text())
+    assert not wildcard[0]["targets"][0].startswith("0.0.0.0")
+
+
+def _small_manifest(synthetic_manifest: Path, count: int = 4) -> Path:
+    """The first `count` samples of the synthetic corpus plus one whose video file does not exist."""
+    lines = synthetic_manifest.read_text().splitlines()[:count]
+    broken = dict(json.loads(lines[0]), key="broken_video", rgb="video/missing.mp4")
+    path = synthetic_manifest.with_name("manifest-observability.jsonl")
+    path.write_text("".join(line + "\n" for line in lines) + json.dumps(broken) + "\n")
+    return path
+
+
+def test_shard_build_metrics_count_samples_rejects_and_bytes(synthetic_manifest, tmp_path):
+    manifest = _small_manifest(synthetic_manifest)
+    metrics = BuildMetrics()
+    description = build_shards(manifest, out=tmp_path / "shards", workers=1, progress=False, observer=metrics)
+    text = metrics.exposition()
+    splits = description["splits"]
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for split in splits:
+        in_manifest = sum(r["split"] == split for r in records)
+        assert _value(text, "cotrain_shard_build_samples", split=split) == in_manifest
+        assert _value(text, "cotrain_shard_build_processed_samples_total", split=split) == in_manifest
+        stored = sum(s["bytes"] for s in splits[split]["shards"])
+        written = _value(text, "cotrain_shard_build_written_bytes_total", split=split)
+        assert 0 < written <= stored  # members only; tar headers and padding are the difference
+    broken_split = records[-1]["split"]
+    assert _value(text, "cotrain_shard_build_rejects_total", split=broken_split, reason="bad_video") == 1
+    assert description["rejects"] == 1
+    assert _promtool("check", "metrics", stdin=text).returncode == 0
