@@ -207,18 +207,20 @@ class TrainingMetrics(_Exporter):
         self.eval_epoch.labels(self.rank, split).set(epoch)
 
 
-def write_scrape_target(run: Path, *, rank: int, host: str, port: int) -> Path:
-    """RUN/prometheus-targets/rank-NNNNN.json: this rank's endpoint in Prometheus' file_sd format.
+def write_scrape_target(run: Path, *, rank: int, host: str, port: int, folder: Path | str | None = None) -> Path:
+    """FOLDER/<run>-rank-NNNNN.json (FOLDER defaults to RUN/prometheus-targets): this rank's endpoint in
+    Prometheus' file_sd format, labelled with the run's directory name.
 
-    Every rank writes its own file (no gathering, so it works across nodes sharing RUN); a wildcard
+    Every rank writes its own file (no gathering, so it works across nodes sharing the folder); a wildcard
     bind address is replaced by this host's name, which the Prometheus server must be able to resolve.
     """
-    folder = Path(run) / TARGETS_DIR
+    name = Path(run).resolve().name
+    folder = Path(folder) if folder else Path(run) / TARGETS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     address = socket.getfqdn() if host in ("", "0.0.0.0", "::") else host
     address = f"[{address}]" if ":" in address else address
-    entry = [{"targets": [f"{address}:{port}"], "labels": {"run": Path(run).resolve().name}}]
-    path = folder / f"rank-{rank:05d}.json"
+    entry = [{"targets": [f"{address}:{port}"], "labels": {"run": name}}]
+    path = folder / f"{name}-rank-{rank:05d}.json"
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(entry, indent=2) + "\n")
     os.replace(temporary, path)  # Prometheus re-reads on change: never let it see half a file

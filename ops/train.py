@@ -329,7 +329,8 @@ class Trainer:
         url = self.metrics.serve(host=self.cfg.metrics.host, port=self.cfg.metrics.port + self.local_rank
                                  if self.cfg.metrics.port else 0)
         target = url and write_scrape_target(self.out, rank=self.rank, host=self.cfg.metrics.host,
-                                             port=self.cfg.metrics.port + self.local_rank)
+                                             port=self.cfg.metrics.port + self.local_rank,
+                                             folder=self.cfg.metrics.targets_dir or None)
         _log(self.rank, f"training {self.cfg.mode} on {', '.join(self.modalities)}: {self.world} rank(s), "
                         f"{self.loader.steps_per_epoch} steps/epoch, metrics at {url or 'off'}")
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)

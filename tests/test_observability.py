@@ -1,6 +1,7 @@
 """ops/ observability: the exporter's metrics, the shard build's metrics, file_sd targets, alert rules,
 dashboards, and a real Prometheus scraping a real 2-rank run."""
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -122,12 +123,14 @@ def test_each_rank_writes_its_own_file_sd_target(tmp_path):
     run = tmp_path / "run-a"
     for rank in range(3):
         write_scrape_target(run, rank=rank, host="127.0.0.1", port=9400 + rank)
-    files = sorted((run / "prometheus-targets").glob("*.json"))
+    files = sorted((run / "prometheus-targets").glob("run-a-rank-*.json"))
     entries = [json.loads(f.read_text())[0] for f in files]
     assert [e["targets"] for e in entries] == [["127.0.0.1:9400"], ["127.0.0.1:9401"], ["127.0.0.1:9402"]]
     assert all(e["labels"] == {"run": "run-a"} for e in entries)
     wildcard = json.loads(write_scrape_target(run, rank=0, host="0.0.0.0", port=9400).read_text())
     assert not wildcard[0]["targets"][0].startswith("0.0.0.0")
+    shared = write_scrape_target(tmp_path / "run-b", rank=0, host="127.0.0.1", port=9500, folder=tmp_path / "all")
+    assert shared == tmp_path / "all" / "run-b-rank-00000.json"
 
 
 def _small_manifest(synthetic_manifest: Path, count: int = 4) -> Path:
@@ -157,3 +160,33 @@ def test_shard_build_metrics_count_samples_rejects_and_bytes(synthetic_manifest,
     assert _value(text, "cotrain_shard_build_rejects_total", split=broken_split, reason="bad_video") == 1
     assert description["rejects"] == 1
     assert _promtool("check", "metrics", stdin=text).returncode == 0
+
+
+# --- 2. Prometheus config and alert rules ---------------------------------------------------------------------
+def test_promtool_accepts_the_scrape_config_and_the_rules():
+    config = _promtool("check", "config", str(PROMETHEUS_DIR / "prometheus.yml"))
+    assert config.returncode == 0, config.stdout + config.stderr
+    rules = _promtool("check", "rules", str(PROMETHEUS_DIR / "alerts.yml"))
+    assert rules.returncode == 0 and "5 rules found" in rules.stdout, rules.stdout + rules.stderr
+
+
+def test_each_alert_fires_on_its_case_and_stays_quiet_otherwise():
+    done = _promtool("test", "rules", str(PROMETHEUS_DIR / "tests" / "alerts.test.yml"))
+    assert done.returncode == 0 and "SUCCESS" in done.stdout, done.stdout + done.stderr
+    tested = set(re.findall(r"alertname: (\w+)", (PROMETHEUS_DIR / "tests" / "alerts.test.yml").read_text()))
+    defined = set(re.findall(r"- alert: (\w+)", (PROMETHEUS_DIR / "alerts.yml").read_text()))
+    assert tested == defined == {"CotrainTrainingStalled", "CotrainNonFiniteLoss", "CotrainThroughputDrop",
+                                 "CotrainDataStarvation", "CotrainCheckpointsFailing"}
+
+
+def test_a_broken_rule_test_fails(tmp_path):
+    """Negative control: the rule tests can fail (an alert expected where the data says quiet)."""
+    text = (PROMETHEUS_DIR / "tests" / "alerts.test.yml").read_text()
+    broken = text.replace("eval_time: 10m\n        alertname: CotrainTrainingStalled\n        exp_alerts: []",
+                          "eval_time: 10m\n        alertname: CotrainTrainingStalled\n        exp_alerts:\n"
+                          "          - exp_labels: {severity: critical, job: cotrain, run: a, rank: \"1\"}")
+    assert broken != text
+    (tmp_path / "tests").mkdir()
+    shutil.copy(PROMETHEUS_DIR / "alerts.yml", tmp_path / "alerts.yml")
+    (tmp_path / "tests" / "alerts.test.yml").write_text(broken)
+    assert _promtool("test", "rules", str(tmp_path / "tests" / "alerts.test.yml")).returncode != 0
