@@ -1,5 +1,6 @@
 """ops/ observability: the exporter's metrics, the shard build's metrics, file_sd targets, alert rules,
 dashboards, and a real Prometheus scraping a real 2-rank run."""
+import importlib.util
 import json
 import re
 import shutil
@@ -190,3 +191,100 @@ def test_a_broken_rule_test_fails(tmp_path):
     shutil.copy(PROMETHEUS_DIR / "alerts.yml", tmp_path / "alerts.yml")
     (tmp_path / "tests" / "alerts.test.yml").write_text(broken)
     assert _promtool("test", "rules", str(tmp_path / "tests" / "alerts.test.yml")).returncode != 0
+
+
+# --- 4. Grafana dashboards (structure; their queries are checked against a real Prometheus below) -----------
+DASHBOARDS = sorted((GRAFANA_DIR / "dashboards").glob("*.json"))
+# Metrics that a CPU run of a classification task cannot produce; they must still be defined by the exporter.
+GPU_ONLY = {"cotrain_device_memory_allocated_bytes", "cotrain_device_memory_reserved_bytes"}
+TASK_SPECIFIC = {"cotrain_eval_micro_f1_ratio", "cotrain_eval_subset_accuracy_ratio",
+                 "cotrain_eval_mean_absolute_error", "cotrain_eval_pearson_correlation",
+                 "cotrain_eval_concordance_correlation"}
+METRIC_NAME = re.compile(r"\bcotrain_[a-z0-9_]+")
+
+
+def _panels(dashboard: dict) -> list[dict]:
+    return [p for p in dashboard["panels"] if p["type"] != "row"]
+
+
+def _dashboard_queries() -> list[tuple[str, str, list[str]]]:
+    """(dashboard file, panel title, [expr]) of every panel."""
+    return [(path.name, panel["title"], [t["expr"] for t in panel["targets"]])
+            for path in DASHBOARDS for panel in _panels(json.loads(path.read_text()))]
+
+
+def _named_metrics() -> set[str]:
+    """Every cotrain_* metric a dashboard query or an alert rule names (histogram series by their base name)."""
+    text = (PROMETHEUS_DIR / "alerts.yml").read_text() + "".join(
+        expr for _, _, exprs in _dashboard_queries() for expr in exprs)
+    return set(METRIC_NAME.findall(text))
+
+
+def test_three_dashboards_with_datasource_and_rank_variables():
+    assert {p.stem for p in DASHBOARDS} == {"training", "evaluation", "data"}
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        assert dashboard["schemaVersion"] >= 36 and dashboard["uid"].startswith("cotrain-")
+        variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+        assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+        if path.stem != "evaluation":  # validation runs on rank 0 only
+            assert "rank" in variables["rank"]["definition"] and variables["rank"]["includeAll"]
+        for panel in _panels(dashboard):
+            assert panel["datasource"]["uid"] == "${datasource}", (path.name, panel["title"])
+
+
+def test_every_panel_has_a_title_a_description_a_unit_and_a_query():
+    units = set()
+    for path in DASHBOARDS:
+        for panel in _panels(json.loads(path.read_text())):
+            where = (path.name, panel.get("title"))
+            assert panel.get("title") and len(panel.get("description", "")) > 20, where
+            units.add(panel["fieldConfig"]["defaults"]["unit"])
+            assert panel["fieldConfig"]["defaults"]["unit"], where
+            assert panel["targets"] and all(METRIC_NAME.search(t["expr"]) for t in panel["targets"]), where
+    assert {"s", "bytes", "percentunit"} <= units
+
+
+def test_training_dashboard_covers_the_issue():
+    titles = {title for name, title, _ in _dashboard_queries() if name == "training.json"}
+    exprs = " ".join(e for name, _, es in _dashboard_queries() if name == "training.json" for e in es)
+    for needed in ('term="task"', 'term="transfer"', "cotrain_samples_total", "histogram_quantile(0.99",
+                   "cotrain_data_wait_ratio", "cotrain_host_memory_bytes", "cotrain_device_memory"):
+        assert needed in exprs
+    assert any("per rank" in t for t in titles)
+
+
+def test_dashboard_and_rule_metrics_are_defined_by_the_exporters():
+    source = (ROOT / "ops" / "metrics.py").read_text()
+    exposition = _recorded_metrics().exposition()
+    build = BuildMetrics()
+    build.begin(totals={"train": 1}, done={}, kinds={"rgb": "video"})
+    exposition += build.exposition()
+    for name in _named_metrics():
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        if name in GPU_ONLY | TASK_SPECIFIC:
+            assert f'"{name}"' in source, name
+        else:
+            assert re.search(rf"^{name}[{{ ]", exposition, re.M) or f"# TYPE {base} " in exposition, name
+
+
+def test_provisioning_points_grafana_at_prometheus_and_the_dashboards():
+    import yaml
+
+    datasource = yaml.safe_load((GRAFANA_DIR / "provisioning" / "datasources" / "prometheus.yml").read_text())
+    assert datasource["datasources"][0]["type"] == "prometheus"
+    provider = yaml.safe_load((GRAFANA_DIR / "provisioning" / "dashboards" / "cotrain.yml").read_text())
+    path = provider["providers"][0]["options"]["path"]
+    compose = yaml.safe_load((ROOT / "ops" / "docker-compose.yml").read_text())
+    mounts = compose["services"]["grafana"]["volumes"]
+    assert f"./grafana/dashboards:{path}:ro" in mounts
+    assert any(m.startswith("./prometheus/alerts.yml:") for m in compose["services"]["prometheus"]["volumes"])
+
+
+def test_dashboards_are_the_generator_output():
+    spec = importlib.util.spec_from_file_location("make_dashboards", GRAFANA_DIR / "make_dashboards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, text in module.render().items():
+        assert (GRAFANA_DIR / "dashboards" / name).read_text() == text, \
+            f"{name} is stale: run `python ops/grafana/make_dashboards.py`"
