@@ -2,6 +2,10 @@
 dashboards, and a real Prometheus scraping a real 2-rank run."""
 import importlib.util
 import json
+import os
+import signal
+import sys
+import urllib.parse
 import re
 import shutil
 import subprocess
@@ -288,3 +292,132 @@ def test_dashboards_are_the_generator_output():
     for name, text in module.render().items():
         assert (GRAFANA_DIR / "dashboards" / name).read_text() == text, \
             f"{name} is stale: run `python ops/grafana/make_dashboards.py`"
+
+
+# --- 3. a real Prometheus scraping a real 2-rank run ----------------------------------------------------------
+VENV_BIN = Path(sys.executable).parent
+RATE_WINDOW = "20s"  # stands for Grafana's $__rate_interval at a 1 s scrape interval
+
+
+def _clean_env() -> dict:
+    """This process's environment without the distributed variables an in-process run may have set."""
+    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
+    return env
+
+
+def _prometheus_config(tmp: Path, *, targets: Path, build_port: int) -> Path:
+    """ops/prometheus/prometheus.yml with test paths, a 1 s scrape interval and the build exporter's port."""
+    import yaml
+
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(PROMETHEUS_DIR / "alerts.yml")]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    jobs["cotrain"]["file_sd_configs"][0].update(files=[str(targets / "*.json")], refresh_interval="1s")
+    jobs["cotrain-shards"]["static_configs"] = [{"targets": [f"127.0.0.1:{build_port}"]}]
+    path = tmp / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _query(api: str, expr: str) -> list:
+    url = f"{api}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    answer = json.loads(urllib.request.urlopen(url, timeout=10).read())
+    assert answer["status"] == "success", (expr, answer)
+    return answer["data"]["result"]
+
+
+def _grafana_to_promql(expr: str) -> str:
+    return expr.replace("$__rate_interval", RATE_WINDOW).replace("$run", ".*").replace("$rank", ".*")
+
+
+class _Processes:
+    """Processes this test starts, each in its own session, killed (group and all) at the end."""
+
+    def __init__(self):
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, cmd: list[str], log: Path, **kwargs) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+                                **kwargs)
+        self.started.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def _wait_for(check, *, seconds: float, what: str, logs: list[Path]):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(1)
+    tails = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs if log.exists())
+    pytest.fail(f"timed out after {seconds:.0f} s waiting for {what}\n{tails}")
+
+
+def _missing(api: str, names: set[str]) -> set[str]:
+    present = set(json.loads(urllib.request.urlopen(f"{api}/api/v1/label/__name__/values", timeout=10)
+                             .read())["data"])
+    return {n for n in names if n not in present}
+
+
+def test_a_real_prometheus_scrapes_a_two_rank_run_and_every_panel_has_data(tiny_shards, synthetic_manifest,
+                                                                             tmp_path):
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus is missing: run `make system-deps` as root (installs Debian's prometheus)")
+    targets, build = tmp_path / "targets", BuildMetrics()
+    build_port = free_port()
+    assert build.serve(host="127.0.0.1", port=build_port)
+    build_shards(_small_manifest(synthetic_manifest), out=tmp_path / "built", workers=1, progress=False,
+                 observer=build)
+    api, processes = f"http://127.0.0.1:{free_port()}", _Processes()
+    logs = [tmp_path / "prometheus.log", tmp_path / "train.log"]
+    try:
+        processes.start(["prometheus", f"--config.file={_prometheus_config(tmp_path, targets=targets, build_port=build_port)}",
+                         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={api[7:]}"], logs[0])
+        processes.start([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+                         str(VENV_BIN / "cotrain"), "train", "--shards", str(tiny_shards), "--out",
+                         str(tmp_path / "run"), "--epochs", "40", "--batch-size", "4", "--save-every", "2", "--zero-stage", "2",
+                         "--set", "transfer.start_fraction=0",
+                         "--metrics-port", str(free_port()), "--metrics-targets", str(targets)],
+                        logs[1], env=dict(_clean_env(), DS_ACCELERATOR="cpu"))
+        # ZeRO-2, because only its optimizer reports the gradient norm on CPU (stage 0 fp32 clips without it);
+        # transfer from the first step (it starts at 40% of training by default), so its loss is exported.
+        # Prometheus has scraped both ranks once they have validated and checkpointed at least once
+        ready = "count(cotrain_eval_epoch) + count(cotrain_checkpoint_last_success_timestamp_seconds) " \
+                "+ count(rate(cotrain_steps_total[10s]) > 0)"
+        _wait_for(lambda: _try_query(api, ready) == 5, seconds=300, what="both ranks scraped after a checkpoint "
+                  "and a validation", logs=logs)
+        time.sleep(3)  # a few more scrapes, so rate() windows hold several points
+        expected = _named_metrics() - GPU_ONLY - TASK_SPECIFIC
+        assert not _missing(api, {re.sub(r"_count$|_sum$", "_count", n) for n in expected}), _missing(api, expected)
+        empty = [(name, title, expr) for name, title, exprs in _dashboard_queries() for expr in exprs
+                 if not METRIC_NAME.search(expr).group() in GPU_ONLY | TASK_SPECIFIC
+                 and not _query(api, _grafana_to_promql(expr))]
+        assert not empty, empty
+        ranks = {r["metric"]["rank"] for r in _query(api, "cotrain_steps_total")}
+        jobs = {r["metric"]["job"] for r in _query(api, "up == 1")}
+        assert ranks == {"0", "1"} and jobs == {"cotrain", "cotrain-shards"}
+        rules = json.loads(urllib.request.urlopen(f"{api}/api/v1/rules", timeout=10).read())["data"]["groups"]
+        assert len(rules[0]["rules"]) == 5 and all(r["health"] == "ok" for r in rules[0]["rules"]), rules
+        firing = json.loads(urllib.request.urlopen(f"{api}/api/v1/alerts", timeout=10).read())["data"]["alerts"]
+        assert not [a for a in firing if a["state"] == "firing"], firing  # a healthy run raises no alert
+    finally:
+        processes.stop()
+        build.close()
+
+
+def _try_query(api: str, expr: str) -> float | None:
+    try:
+        result = _query(api, expr)
+    except OSError:
+        return None
+    return float(result[0]["value"][1]) if result else None
