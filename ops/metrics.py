@@ -207,20 +207,30 @@ class TrainingMetrics(_Exporter):
         self.eval_epoch.labels(self.rank, split).set(epoch)
 
 
-def write_scrape_target(run: Path, *, rank: int, host: str, port: int, folder: Path | str | None = None) -> Path:
+def write_scrape_target(run: Path, *, rank: int, host: str, port: int,
+                        folder: Path | str | None = None) -> Path | None:
     """FOLDER/<run>-rank-NNNNN.json (FOLDER defaults to RUN/prometheus-targets): this rank's endpoint in
     Prometheus' file_sd format, labelled with the run's directory name.
 
     Every rank writes its own file (no gathering, so it works across nodes sharing the folder); a wildcard
     bind address is replaced by this host's name, which the Prometheus server must be able to resolve.
+    A folder that cannot be written warns (None) and training goes on.
     """
     name = Path(run).resolve().name
     folder = Path(folder) if folder else Path(run) / TARGETS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return _write_target(folder / f"{name}-rank-{rank:05d}.json", name, host, port)
+    except OSError as err:
+        warnings.warn(f"metrics: cannot write the Prometheus target file in {folder} ({err}); Prometheus will not "
+                      "find this rank: pass --metrics-targets with a writable folder", stacklevel=2)
+        return None
+
+
+def _write_target(path: Path, name: str, host: str, port: int) -> Path:
     address = socket.getfqdn() if host in ("", "0.0.0.0", "::") else host
     address = f"[{address}]" if ":" in address else address
     entry = [{"targets": [f"{address}:{port}"], "labels": {"run": name}}]
-    path = folder / f"{name}-rank-{rank:05d}.json"
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(entry, indent=2) + "\n")
     os.replace(temporary, path)  # Prometheus re-reads on change: never let it see half a file

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import sys
 import urllib.parse
 import re
@@ -138,6 +139,13 @@ def test_each_rank_writes_its_own_file_sd_target(tmp_path):
     assert shared == tmp_path / "all" / "run-b-rank-00000.json"
 
 
+def test_an_unwritable_targets_folder_warns_and_does_not_raise(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the targets folder should be")
+    with pytest.warns(UserWarning, match="--metrics-targets"):
+        assert write_scrape_target(tmp_path / "run", rank=0, host="127.0.0.1", port=9400, folder=blocker) is None
+
+
 def _small_manifest(synthetic_manifest: Path, count: int = 4) -> Path:
     """The first `count` samples of the synthetic corpus plus one whose video file does not exist."""
     lines = synthetic_manifest.read_text().splitlines()[:count]
@@ -165,6 +173,28 @@ def test_shard_build_metrics_count_samples_rejects_and_bytes(synthetic_manifest,
     assert _value(text, "cotrain_shard_build_rejects_total", split=broken_split, reason="bad_video") == 1
     assert description["rejects"] == 1
     assert _promtool("check", "metrics", stdin=text).returncode == 0
+
+
+
+def test_shards_build_command_serves_metrics_and_a_busy_port_only_warns(synthetic_manifest, tmp_path):
+    from click.testing import CliRunner
+
+    from shards.cli import build_command
+
+    manifest = _small_manifest(synthetic_manifest, count=2)
+    port = free_port()
+    result = CliRunner().invoke(build_command, [str(manifest), "--out", str(tmp_path / "a"),
+                                                                "--workers", "1", "--metrics-port", str(port)])
+    assert result.exit_code == 0, result.output + result.stderr
+    assert f"metrics at http://127.0.0.1:{port}/metrics" in result.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.warns(UserWarning, match="cannot serve"):
+            result = CliRunner().invoke(build_command, [
+                str(manifest), "--out", str(tmp_path / "b"), "--workers", "1",
+                "--metrics-port", str(busy.getsockname()[1])])
+    assert result.exit_code == 0 and (tmp_path / "b" / "dataset.json").is_file(), result.output
 
 
 # --- 2. Prometheus config and alert rules ---------------------------------------------------------------------
