@@ -427,6 +427,12 @@ def test_a_real_prometheus_scrapes_a_two_rank_run_and_every_panel_has_data(tiny_
         _wait_for(lambda: _try_query(api, ready) == 5, seconds=300, what="both ranks scraped after a checkpoint "
                   "and a validation", logs=logs)
         time.sleep(3)  # a few more scrapes, so rate() windows hold several points
+        endpoints = [json.loads(f.read_text())[0]["targets"][0] for f in sorted(targets.glob("run-rank-*.json"))]
+        assert len(endpoints) == 2
+        for endpoint in endpoints:  # the real exposition of each rank passes promtool's lint
+            body = urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=10).read().decode()
+            lint = _promtool("check", "metrics", stdin=body)
+            assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout + lint.stderr
         expected = _named_metrics() - GPU_ONLY - TASK_SPECIFIC
         assert not _missing(api, {re.sub(r"_count$|_sum$", "_count", n) for n in expected}), _missing(api, expected)
         empty = [(name, title, expr) for name, title, exprs in _dashboard_queries() for expr in exprs
