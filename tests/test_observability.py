@@ -20,7 +20,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from ops.engine import free_port
-from ops.metrics import BuildMetrics, TrainingMetrics, read_grad_norm, write_scrape_target
+from ops.metrics import EVAL_METRICS, BuildMetrics, TrainingMetrics, read_grad_norm, write_scrape_target
 from shards.build import build_shards
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +94,25 @@ def test_promtool_accepts_the_exposition():
     done = _promtool("check", "metrics", stdin=_recorded_metrics().exposition())
     assert done.returncode == 0 and not done.stdout.strip() and "error" not in done.stderr.lower(), \
         done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("task,labels", [
+    ("class", torch.tensor([0, 1, 2, 3, 4, 5, 6, 0])),
+    ("multilabel", (torch.rand(8, 7) > 0.5).float()),
+    ("regression", torch.randn(8, 7)),
+])
+def test_every_score_of_every_task_becomes_a_gauge(task, labels):
+    from ops.scores import make_scorer
+
+    scorer = make_scorer(task, 7)
+    scorer.update(torch.randn(8, 7), labels, torch.ones(8, dtype=torch.bool))
+    scores = {k: v for k, v in scorer.result().items() if k not in ("samples", "confusion")}
+    metrics = TrainingMetrics()
+    metrics.record_eval("val", {"audio": scores}, epoch=1)
+    text = metrics.exposition()
+    for key, value in scores.items():
+        name = EVAL_METRICS[key][0]
+        assert _value(text, name, rank=0, branch="audio", split="val") == pytest.approx(value)
 
 
 def test_grad_norm_is_read_where_the_engine_has_it():
