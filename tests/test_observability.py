@@ -418,53 +418,74 @@ def _missing(api: str, names: set[str]) -> set[str]:
     return {n for n in names if n not in present}
 
 
+def _start_prometheus(processes: _Processes, tmp: Path, *, targets: Path, build_port: int) -> str:
+    """Prometheus on a free loopback port with a temporary storage folder; returns its base URL."""
+    api = f"http://127.0.0.1:{free_port()}"
+    config = _prometheus_config(tmp, targets=targets, build_port=build_port)
+    processes.start(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+                     f"--web.listen-address={api.removeprefix('http://')}"], tmp / "prometheus.log")
+    return api
+
+
+def _start_two_rank_run(processes: _Processes, tmp: Path, *, shards: Path, targets: Path) -> None:
+    """2 CPU ranks under the deepspeed launcher, checkpointing every 2 steps and validating every epoch.
+
+    ZeRO-2, because only its optimizer reports the gradient norm on CPU (stage 0 fp32 clips without it);
+    transfer from the first step (by default it starts at 40% of training), so its loss is exported."""
+    processes.start([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+                     str(VENV_BIN / "cotrain"), "train", "--shards", str(shards), "--out", str(tmp / "run"),
+                     "--epochs", "40", "--batch-size", "4", "--save-every", "2", "--zero-stage", "2",
+                     "--set", "transfer.start_fraction=0", "--metrics-port", str(free_port()),
+                     "--metrics-targets", str(targets)],
+                    tmp / "train.log", env=dict(_clean_env(), DS_ACCELERATOR="cpu"))
+
+
+def _check_real_expositions(targets: Path) -> None:
+    """Each rank's file_sd entry points at an exporter whose real output passes promtool's lint."""
+    endpoints = [json.loads(f.read_text())[0]["targets"][0] for f in sorted(targets.glob("run-rank-*.json"))]
+    assert len(endpoints) == 2
+    for endpoint in endpoints:
+        body = urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=10).read().decode()
+        lint = _promtool("check", "metrics", stdin=body)
+        assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout + lint.stderr
+
+
+def _panels_without_data(api: str) -> list[tuple[str, str, str]]:
+    """(dashboard, panel, query) of every query that returns nothing, leaving out GPU-only and
+    task-specific series a CPU classification run cannot have."""
+    return [(name, title, expr) for name, title, exprs in _dashboard_queries() for expr in exprs
+            if not set(METRIC_NAME.findall(expr)) <= GPU_ONLY | TASK_SPECIFIC
+            and not _query(api, _grafana_to_promql(expr))]
+
+
 def test_a_real_prometheus_scrapes_a_two_rank_run_and_every_panel_has_data(tiny_shards, synthetic_manifest,
                                                                              tmp_path):
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus is missing: run `make system-deps` as root (installs Debian's prometheus)")
-    targets, build = tmp_path / "targets", BuildMetrics()
+    targets, build, processes = tmp_path / "targets", BuildMetrics(), _Processes()
     build_port = free_port()
     assert build.serve(host="127.0.0.1", port=build_port)
     build_shards(_small_manifest(synthetic_manifest), out=tmp_path / "built", workers=1, progress=False,
                  observer=build)
-    api, processes = f"http://127.0.0.1:{free_port()}", _Processes()
-    logs = [tmp_path / "prometheus.log", tmp_path / "train.log"]
     try:
-        processes.start(["prometheus", f"--config.file={_prometheus_config(tmp_path, targets=targets, build_port=build_port)}",
-                         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={api[7:]}"], logs[0])
-        processes.start([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                         str(VENV_BIN / "cotrain"), "train", "--shards", str(tiny_shards), "--out",
-                         str(tmp_path / "run"), "--epochs", "40", "--batch-size", "4", "--save-every", "2", "--zero-stage", "2",
-                         "--set", "transfer.start_fraction=0",
-                         "--metrics-port", str(free_port()), "--metrics-targets", str(targets)],
-                        logs[1], env=dict(_clean_env(), DS_ACCELERATOR="cpu"))
-        # ZeRO-2, because only its optimizer reports the gradient norm on CPU (stage 0 fp32 clips without it);
-        # transfer from the first step (it starts at 40% of training by default), so its loss is exported.
-        # Prometheus has scraped both ranks once they have validated and checkpointed at least once
+        api = _start_prometheus(processes, tmp_path, targets=targets, build_port=build_port)
+        _start_two_rank_run(processes, tmp_path, shards=tiny_shards, targets=targets)
+        # ready: rank 0 validated, both ranks checkpointed, both stepping, as Prometheus sees them
         ready = "count(cotrain_eval_epoch) + count(cotrain_checkpoint_last_success_timestamp_seconds) " \
                 "+ count(rate(cotrain_steps_total[10s]) > 0)"
         _wait_for(lambda: _try_query(api, ready) == 5, seconds=300, what="both ranks scraped after a checkpoint "
-                  "and a validation", logs=logs)
+                  "and a validation", logs=[tmp_path / "prometheus.log", tmp_path / "train.log"])
         time.sleep(3)  # a few more scrapes, so rate() windows hold several points
-        endpoints = [json.loads(f.read_text())[0]["targets"][0] for f in sorted(targets.glob("run-rank-*.json"))]
-        assert len(endpoints) == 2
-        for endpoint in endpoints:  # the real exposition of each rank passes promtool's lint
-            body = urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=10).read().decode()
-            lint = _promtool("check", "metrics", stdin=body)
-            assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout + lint.stderr
-        expected = _named_metrics() - GPU_ONLY - TASK_SPECIFIC
-        assert not _missing(api, {re.sub(r"_count$|_sum$", "_count", n) for n in expected}), _missing(api, expected)
-        empty = [(name, title, expr) for name, title, exprs in _dashboard_queries() for expr in exprs
-                 if not METRIC_NAME.search(expr).group() in GPU_ONLY | TASK_SPECIFIC
-                 and not _query(api, _grafana_to_promql(expr))]
-        assert not empty, empty
-        ranks = {r["metric"]["rank"] for r in _query(api, "cotrain_steps_total")}
-        jobs = {r["metric"]["job"] for r in _query(api, "up == 1")}
-        assert ranks == {"0", "1"} and jobs == {"cotrain", "cotrain-shards"}
+        _check_real_expositions(targets)
+        assert len(_dashboard_queries()) > 20
+        assert not _missing(api, _named_metrics() - GPU_ONLY - TASK_SPECIFIC)
+        assert not _panels_without_data(api), _panels_without_data(api)
+        assert {r["metric"]["rank"] for r in _query(api, "cotrain_steps_total")} == {"0", "1"}
+        assert {r["metric"]["job"] for r in _query(api, "up == 1")} == {"cotrain", "cotrain-shards"}
         rules = json.loads(urllib.request.urlopen(f"{api}/api/v1/rules", timeout=10).read())["data"]["groups"]
         assert len(rules[0]["rules"]) == 5 and all(r["health"] == "ok" for r in rules[0]["rules"]), rules
-        firing = json.loads(urllib.request.urlopen(f"{api}/api/v1/alerts", timeout=10).read())["data"]["alerts"]
-        assert not [a for a in firing if a["state"] == "firing"], firing  # a healthy run raises no alert
+        alerts = json.loads(urllib.request.urlopen(f"{api}/api/v1/alerts", timeout=10).read())["data"]["alerts"]
+        assert not [a for a in alerts if a["state"] == "firing"], alerts  # a healthy run raises no alert
     finally:
         processes.stop()
         build.close()
