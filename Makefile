@@ -14,13 +14,13 @@ DEMO_ARGS ?=
 demo: $(STAMP)
 	$(VENV)/bin/cotrain demo --workdir $(DEMO_DIR) $(DEMO_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q tests
 
 setup: $(STAMP)
 
-# Debian's ffmpeg (ffmpeg-python drives its binaries): installed when missing and we are root,
-# otherwise a message saying what to install.
+# Debian's ffmpeg (ffmpeg-python drives its binaries) and prometheus (with promtool, for the observability
+# tests): installed when missing and we are root, otherwise a message saying what to install.
 system-deps:
 	@if ! command -v ffmpeg >/dev/null 2>&1 || ! command -v ffprobe >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -29,6 +29,14 @@ system-deps:
 	  else \
 	    echo "ffmpeg and ffprobe are missing: install them (Debian/Ubuntu: sudo apt-get install ffmpeg) and re-run make"; \
 	    exit 1; \
+	  fi; \
+	fi
+	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's prometheus (the observability tests run it and its promtool)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
+	  else \
+	    echo "prometheus and promtool are missing: their tests will be skipped (Debian/Ubuntu: sudo apt-get install prometheus)"; \
 	  fi; \
 	fi
 

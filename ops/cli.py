@@ -82,6 +82,9 @@ RUN_OPTIONS = {
     "metrics-port": (dict(type=int, help="Prometheus port of local rank 0 (rank r uses port + r); 0 turns it "
                                          "off. [default: 9400]"), "metrics.port"),
     "metrics-host": (dict(help="Address the exporter binds. [default: 127.0.0.1]"), "metrics.host"),
+    "metrics-targets": (dict(help="Folder where each rank writes its Prometheus file_sd target (shared by the "
+                                  "runs one Prometheus scrapes). [default: RUN/prometheus-targets]"),
+                        "metrics.targets_dir"),
 }
 
 

@@ -59,6 +59,8 @@ class MetricsConfig:
     """Base port; rank r serves on port + local rank. 0 disables the exporter."""
     host: str = "127.0.0.1"
     """Address to bind; loopback unless you mean to expose it."""
+    targets_dir: str = ""
+    """Where each rank writes `<run>-rank-NNNNN.json` for Prometheus' file_sd ("" = RUN/prometheus-targets)."""
 
 
 @dataclass

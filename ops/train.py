@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import itertools
 import json
 import math
@@ -26,7 +27,7 @@ from .checkpoint import CHECKPOINT_DIR, latest_tag, load_checkpoint, save_checkp
 from .config import RunConfig, config_hash, deepspeed_config, save_config
 from .engine import build_engine, init_distributed, rank_info
 from .evaluate import BEST_DIR, MODEL_FILE, print_warning, score_branches, task_of
-from .metrics import TrainingMetrics
+from .metrics import TrainingMetrics, read_grad_norm, write_scrape_target
 from .scores import is_better, primary_metric
 
 __all__ = ["train"]
@@ -35,6 +36,13 @@ __all__ = ["train"]
 def _specs(cfg: RunConfig, modalities: dict[str, dict]) -> list[ModalitySpec]:
     shapes = model_inputs(modalities, cfg.loader)
     return modality_specs(modalities, shapes, shared_stages=cfg.shared_stages, encoders=cfg.encoders)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("cotrain")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _log(rank: int, message: str) -> None:
@@ -86,7 +94,9 @@ class Trainer:
         optimizer_steps = cfg.epochs * math.ceil(steps / cfg.optim.grad_accum)
         ds_config = deepspeed_config(cfg, total_steps=optimizer_steps, bf16=self.gpu)
         self.engine, self.scheduler = build_engine(model, ds_config)
-        self.metrics = TrainingMetrics(rank=self.rank)
+        self.metrics = TrainingMetrics(rank=self.rank, local_rank=self.local_rank, gpu=self.gpu)
+        self.metrics.describe_run(version=_version(), zero_stage=cfg.optim.zero_stage, world_size=self.world,
+                                  mode=cfg.mode, checkpoint_every=cfg.checkpoint.save_every)
         self.state = LoopState()
         self.val_loader, self.eval_model = self._make_validation()
         self._signalled = False  # set by the handler, on this rank only
@@ -216,7 +226,9 @@ class Trainer:
             if result is not None:
                 terms, total = result
                 self.metrics.record_step(terms=terms, total=total, batch_size=len(batch), step_seconds=t2 - t1,
-                                         wait_seconds=t1 - t0, lr=self.scheduler.get_last_lr()[0])
+                                         wait_seconds=t1 - t0, lr=self.scheduler.get_last_lr()[0],
+                                         grad_norm=read_grad_norm(self.engine),
+                                         loader_skipped=getattr(self.loader, "skipped", None))
                 for k, v in dict(terms, total=total).items():
                     sums[k] = sums.get(k, 0.0) + v
                 count, samples = count + 1, samples + len(batch)
@@ -285,6 +297,7 @@ class Trainer:
         task, size = task_of(self.info)
         scores = score_branches(model, self.val_loader, prepare=self._cast, task=task, size=size)
         scores = {b: {k: v for k, v in s.items() if k != "confusion"} for b, s in scores.items()}
+        self.metrics.record_eval("val", scores, epoch=epoch + 1)
         best = self.state.best
         improved = [b for b, s in scores.items() if is_better(task, s, best.get(b))]
         state = _fp32_state(model) if improved else None  # one copy, however many branches improved
@@ -315,6 +328,9 @@ class Trainer:
             save_config(self.cfg, self.out / "config.json")
         url = self.metrics.serve(host=self.cfg.metrics.host, port=self.cfg.metrics.port + self.local_rank
                                  if self.cfg.metrics.port else 0)
+        target = url and write_scrape_target(self.out, rank=self.rank, host=self.cfg.metrics.host,
+                                             port=self.cfg.metrics.port + self.local_rank,
+                                             folder=self.cfg.metrics.targets_dir or None)
         _log(self.rank, f"training {self.cfg.mode} on {', '.join(self.modalities)}: {self.world} rank(s), "
                         f"{self.loader.steps_per_epoch} steps/epoch, metrics at {url or 'off'}")
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -333,6 +349,8 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous)
             self.metrics.close()
+            if target:  # a finished rank leaves Prometheus' targets, so it is not reported down
+                target.unlink(missing_ok=True)
 
 
 @dataclass

@@ -97,12 +97,14 @@ def build_shards(manifest_path: Path | str, *, out: Path | str, modality_kinds: 
                  frame_policy: str = "uniform", stride: int = 1, keyint: int = 0, audio_format: str = "wav",
                  audio_fit: str = "start", feature_frames: int = 64, label_type: str | None = None,
                  max_shard_bytes: int | None = None, max_reject_fraction: float = 1.0, resume: bool = False,
-                 part: tuple[int, int] | None = None, progress: bool = True) -> dict:
+                 part: tuple[int, int] | None = None, progress: bool = True, observer=None) -> dict:
     """Convert the manifest's samples into `out` (see docs/formats.md) and return dataset.json's content.
 
     `resume=True` keeps the finished shards of an interrupted build with the same inputs and options and
     converts only the rest; the result is byte-identical to an uninterrupted build. `part=(I, N)` builds
-    the I-th of N disjoint slices of every split (`cotrain shards merge` joins them).
+    the I-th of N disjoint slices of every split (`cotrain shards merge` joins them). `observer` (e.g.
+    ops.metrics.BuildMetrics) hears `begin(totals=, done=, kinds=)` once, then `sample(split, key, members,
+    reject)` per converted sample.
     """
     settings = ConversionSettings(
         video=VideoSettings(fps=fps, frames=frames, height=height, width=width, codec=codec, resize=resize,
@@ -128,7 +130,7 @@ def build_shards(manifest_path: Path | str, *, out: Path | str, modality_kinds: 
     layout = _ShardLayout(out=out, max_samples=max_shard_samples, max_bytes=max_shard_bytes,
                           fingerprint=fingerprint, resume=resume)
     records, rejects = _convert_and_write(ordered, manifest.kinds, settings, tokenizer, layout=layout,
-                                          workers=workers, progress=progress)
+                                          workers=workers, progress=progress, observer=observer)
     _check_reject_fraction(rejects, len(ordered), max_reject_fraction, out)
     _remove_stale_shards(out, records)
     description = _describe(manifest, settings, tokenizer, records, rejects=rejects, seed=seed)
@@ -295,13 +297,16 @@ def _intact(out: Path, stats: dict) -> bool:
 
 def _convert_and_write(ordered: list[ManifestSample], kinds: dict[str, str], settings: ConversionSettings,
                        tokenizer: Tokenizer | None, *, layout: _ShardLayout, workers: int,
-                       progress: bool) -> tuple[dict[str, list[ShardRecord]], int]:
+                       progress: bool, observer=None) -> tuple[dict[str, list[ShardRecord]], int]:
     """Convert in a pool (order kept) and stream each split's samples into its shards."""
     by_split: dict[str, list[ManifestSample]] = {}
     for sample in ordered:  # first-seen order = write order
         by_split.setdefault(sample.split, []).append(sample)
     resumed = {split: _resumed_shards(layout, split) for split in by_split}
     todo = [sample for split, group in by_split.items() for sample in group[resumed[split][1]:]]
+    if observer is not None:
+        observer.begin(totals={split: len(group) for split, group in by_split.items()},
+                       done={split: resumed[split][1] for split in by_split}, kinds=kinds)
     records, rejects = {}, 0
     with _conversion_pool(workers, kinds, settings, tokenizer) as pool, \
             open(layout.out / "rejects.jsonl", "w", encoding="utf-8") as rejects_file, \
@@ -317,6 +322,8 @@ def _convert_and_write(ordered: list[ManifestSample], kinds: dict[str, str], set
                              records=done, consumed=consumed, extra_stats={"build": layout.fingerprint}) as writer:
                 for result in itertools.islice(results, len(group) - consumed):
                     bar.update()
+                    if observer is not None:
+                        observer.sample(split, result.key, result.members, result.reject)
                     rejects += _store(result, writer, rejects_file)
             records[split] = writer.records
     return records, rejects

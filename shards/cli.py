@@ -73,19 +73,40 @@ def synth_command(out: Path, count: int, seed: int, classes: int, workers: int) 
 @click.option("--part", metavar="I/N", default=None, help="Build only part I of N (0-based); see `merge`.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the within-split shuffle.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Conversion processes.")
+@click.option("--metrics-port", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Serve Prometheus metrics of the build on this port (0: off).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the exporter binds.")
 def build_command(manifest: Path, out: Path, modalities: tuple[str, ...], size: str | None,
-                  height: int | None, width: int | None, fps: float, part: str | None, **options) -> None:
+                  height: int | None, width: int | None, fps: float, part: str | None, metrics_port: int,
+                  metrics_host: str, **options) -> None:
     """Validate MANIFEST (JSON Lines, or CSV by its .csv suffix), convert every sample and write shards,
     indexes and dataset.json into --out."""
     height, width = _frame_size(size, height, width)
     started = time.monotonic()
+    observer = _build_exporter(metrics_host, metrics_port)
     try:
         description = build_shards(manifest, out=out, modality_kinds=_parse_modalities(modalities),
                                    height=height, width=width, fps=_whole_if_integral(fps),
-                                   part=_parse_part(part), **options)
+                                   part=_parse_part(part), observer=observer, **options)
     except (ManifestError, BuildError) as error:
         raise click.ClickException(str(error)) from None
+    finally:
+        if observer is not None:
+            observer.close()
     click.echo(_summary(description, out, seconds=time.monotonic() - started))
+
+
+def _build_exporter(host: str, port: int):
+    """BuildMetrics served on host:port, or None when off (ops is imported only then)."""
+    if not port:
+        return None
+    from ops.metrics import BuildMetrics
+
+    metrics = BuildMetrics()
+    url = metrics.serve(host=host, port=port)
+    if url:
+        click.echo(f"metrics at {url}", err=True)
+    return metrics
 
 
 def _parse_part(part: str | None) -> tuple[int, int] | None:
