@@ -82,9 +82,10 @@ def test_metrics_endpoint_answers_during_training(tiny_shards, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}/metrics"
     proc = subprocess.Popen([str(VENV_BIN / "cotrain"), "train", "--shards", str(tiny_shards), "--out",
-                             str(tmp_path / "run"), "--epochs", "30", "--batch-size", "4", "--metrics-port", str(port)],
+                             str(tmp_path / "run"), "--epochs", "30", "--batch-size", "4", "--metrics-port", str(port),
+                             "--transfer-start", "0", "--transfer-warmup", "0", "--set", "eval_every=0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_clean_env())
-    body, deadline = "", time.time() + 240
+    body, deadline = "", time.time() + 400
     try:
         while time.time() < deadline and proc.poll() is None:
             try:
