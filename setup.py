@@ -27,6 +27,13 @@ setup(
         # costs ~40-150 ms of start-up, more than encoding a whole clip; PyAV runs the same FFmpeg
         # encoders inside the worker. The CLI (ffmpeg-python) still decodes the sources.
         "av>=12",
+        # Depth frames from 8/16-bit PNG or JPEG sequences (EgoGesture, NVGesture ship them): Pillow reads
+        # 16-bit PNG losslessly, which ffmpeg's image pipes do not keep as uint16.
+        "pillow>=10",
+        # Confusion matrices, report bars and curves: the plotting library every reader already knows.
+        "matplotlib>=3.7",
+        # `--config run.yaml`: YAML run configs beside JSON.
+        "pyyaml>=6",
     ],
     # `cotrain export --format onnx` writes ONNX with onnx and checks/runs it with onnxruntime; the other formats
     # need neither, so they stay optional.
