@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import urllib.parse
 import re
 import shutil
@@ -22,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ops.engine import free_port
 from ops.metrics import EVAL_METRICS, BuildMetrics, TrainingMetrics, read_grad_norm, write_scrape_target
 from shards.build import build_shards
+from subprocesses import VENV_BIN, clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "ops" / "prometheus"
@@ -344,16 +344,8 @@ def test_dashboards_are_the_generator_output():
 
 
 # --- 3. a real Prometheus scraping a real 2-rank run ----------------------------------------------------------
-VENV_BIN = Path(sys.executable).parent
 RATE_WINDOW = "20s"  # stands for Grafana's $__rate_interval at a 1 s scrape interval
 
-
-def _clean_env() -> dict:
-    """This process's environment without the distributed variables an in-process run may have set."""
-    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
-    env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
-    return env
 
 
 def _prometheus_config(tmp: Path, *, targets: Path, build_port: int) -> Path:
@@ -437,7 +429,7 @@ def _start_two_rank_run(processes: _Processes, tmp: Path, *, shards: Path, targe
                      "--epochs", "40", "--batch-size", "4", "--save-every", "2", "--zero-stage", "2",
                      "--set", "transfer.start_fraction=0", "--metrics-port", str(free_port()),
                      "--metrics-targets", str(targets)],
-                    tmp / "train.log", env=dict(_clean_env(), DS_ACCELERATOR="cpu"))
+                    tmp / "train.log", env=dict(clean_env(), DS_ACCELERATOR="cpu"))
 
 
 def _check_real_expositions(targets: Path) -> None:

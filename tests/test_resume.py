@@ -1,9 +1,7 @@
 """ops/: layered run config, checkpoints, exact resume after kill -9, SIGTERM, NaN steps, accumulation."""
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,17 +12,10 @@ from ops.checkpoint import CHECKPOINT_DIR, latest_tag
 from ops.cli import main
 from ops.config import RunConfig, config_hash, deepspeed_config, resolve_config
 from ops.engine import free_port
+from subprocesses import VENV_BIN, clean_env
 
-VENV_BIN = Path(sys.executable).parent
 BASE = ["--epochs", "2", "--batch-size", "4", "--metrics-port", "0", "--seed", "3"]
 
-
-def _env(**extra) -> dict:
-    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
-    env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
-    env.update(extra)
-    return env
 
 
 def _invoke(*args):
@@ -40,7 +31,7 @@ def _launch(run: Path, shards: Path, *args, ranks: int = 1, env: dict | None = N
     train += ["--resume", str(run)] if resume else ["--shards", str(shards), "--out", str(run), *BASE, *args]
     cmd = train if ranks == 1 else [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port",
                                     str(free_port()), *train]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(**(env or {})))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=clean_env(**(env or {})))
 
 
 # --- the layered config ----------------------------------------------------------------------------------
@@ -215,7 +206,7 @@ def test_resume_on_another_world_size_is_refused_unless_resharded(tiny_shards, t
     assert refused.returncode != 0 and "world size 1 -> 2" in refused.stdout + refused.stderr
     train = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
              str(VENV_BIN / "cotrain"), "train", "--resume", str(run), "--allow-reshard"]
-    resharded = subprocess.run(train, capture_output=True, text=True, timeout=600, env=_env())
+    resharded = subprocess.run(train, capture_output=True, text=True, timeout=600, env=clean_env())
     assert resharded.returncode == 0, resharded.stdout[-3000:] + resharded.stderr[-3000:]
     assert "restarts the data position" in resharded.stdout and (run / "model.pt").is_file()
 

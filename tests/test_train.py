@@ -1,8 +1,6 @@
 """ops/: training under DeepSpeed in every mode, evaluation JSON, metrics endpoint, two ranks."""
 import json
-import os
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -13,16 +11,9 @@ from click.testing import CliRunner
 from ops.cli import main
 from ops.config import RunConfig, deepspeed_config, load_config
 from ops.engine import free_port
+from subprocesses import VENV_BIN, clean_env
 
-VENV_BIN = Path(sys.executable).parent
 
-
-def _clean_env() -> dict:
-    """This process's environment without the distributed variables an in-process run set."""
-    dist_vars = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
-    env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
-    return env
 
 
 def _train(shards, out, *args):
@@ -84,7 +75,7 @@ def test_metrics_endpoint_answers_during_training(tiny_shards, tmp_path):
     proc = subprocess.Popen([str(VENV_BIN / "cotrain"), "train", "--shards", str(tiny_shards), "--out",
                              str(tmp_path / "run"), "--epochs", "30", "--batch-size", "4", "--metrics-port", str(port),
                              "--transfer-start", "0", "--transfer-warmup", "0", "--set", "eval_every=0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_clean_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env())
     body, deadline = "", time.time() + 400
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -112,7 +103,7 @@ def test_two_ranks_under_the_deepspeed_launcher_end_with_identical_parameters(ti
     cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
            str(VENV_BIN / "cotrain"), "train", "--shards", str(tiny_shards), "--out", str(run), "--epochs", "2",
            "--batch-size", "4", "--metrics-port", "0"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_clean_env())
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=clean_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     digests = [(run / f"params-rank{r}.sha256").read_text() for r in range(2)]
     assert digests[0] == digests[1]
@@ -174,7 +165,7 @@ def test_two_launchers_as_two_nodes_without_ssh_train_together(tiny_shards, tmp_
         [str(VENV_BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
          "--master_addr", "127.0.0.1", "--master_port", port, str(VENV_BIN / "cotrain"), "train",
          "--shards", str(tiny_shards), "--out", str(run), "--epochs", "1", "--batch-size", "4", "--metrics-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_clean_env()) for node in (0, 1)]
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env()) for node in (0, 1)]
     outputs = [p.communicate(timeout=600)[0] for p in launchers]
     assert [p.returncode for p in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "nnodes=2" in outputs[0] and "2 rank(s)" in outputs[0]
