@@ -240,6 +240,31 @@ def report_cmd(runs, out, split) -> None:
     click.echo(f"written: {Path(out) / 'report.md'}")
 
 
+@main.command("experiment")
+@click.argument("spec", type=click.Path(dir_okay=False, exists=True))
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Folder for runs, corpora and results.  [default: experiments-out/<SPEC's name>]")
+@click.option("--task", "tasks", multiple=True, help="Run only this task of the spec (repeatable).")
+@click.option("--quick", is_flag=True, help="The same grid at smoke-test scale (tiny corpus, one epoch, one seed).")
+@click.option("--jobs", type=int, default=1, show_default=True,
+              help="Runs trained at once, each with cores/jobs torch threads.")
+@click.option("--report", default=None, type=click.Path(dir_okay=False),
+              help="Markdown report to write (plots beside it).  [default: OUT/results.md]")
+def experiment_cmd(spec, out, tasks, quick, jobs, report) -> None:
+    """Run a grid of baselines, co-training and ablations over seeds; write results.json and a report.
+
+    Resumable: finished runs are skipped, so rerun the same command after an interruption."""
+    from .experiment import run_experiment
+
+    if jobs < 1:
+        raise click.BadParameter(f"--jobs must be at least 1, got {jobs}", param_hint="--jobs")
+    out = out or str(Path("experiments-out") / (Path(spec).stem + ("-quick" if quick else "")))
+    try:
+        run_experiment(spec, out=out, tasks=list(tasks), quick=quick, jobs=jobs, report=report)
+    except (ValueError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+
+
 @main.command("demo")
 @click.option("--workdir", default="demo-out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--n", type=int, default=600, show_default=True, help="Samples in the synthetic corpus.")

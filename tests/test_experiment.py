@@ -1,0 +1,121 @@
+"""`cotrain experiment`: spec checks, the grid's shared runs, resume, results.json and the report."""
+import json
+import statistics
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ops.experiment import load_spec, plan_grid
+from ops.results_report import MARKER, verdict
+from subprocesses import VENV_BIN, clean_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _spec(tmp_path: Path, data: dict, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _experiment(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "cotrain"), "experiment", *map(str, args)], capture_output=True, text=True,
+                          env=clean_env(), cwd=cwd, timeout=1500)
+
+
+@pytest.mark.parametrize("data,expected", [
+    ({"tasks": {}}, "`tasks` must map task names"),
+    ({"tasks": {"t": {}}, "seed": [0]}, "unknown keys ['seed']"),
+    ({"tasks": {"t": {}}, "seeds": "0,1"}, "`seeds` must be a non-empty list of integers"),
+    ({"tasks": {"t": {"corpus": {"synth": "gesture", "shards": "x"}}}}, "give either synth: TASK"),
+    ({"tasks": {"t": {"ablation": {}}}}, "tasks.t: unknown keys ['ablation']"),
+    ({"tasks": {"t": {}}, "ablations": {"alpha": {"alpha=0": 0}}}, "ablations.alpha.alpha=0: expected a mapping"),
+])
+def test_a_bad_spec_names_the_key_and_the_fix(tmp_path, data, expected):
+    with pytest.raises(ValueError, match=None) as err:
+        load_spec(_spec(tmp_path, data))
+    assert expected in str(err.value)
+
+
+def test_a_bad_config_key_in_a_variant_names_the_variant(tiny_shards, tmp_path):
+    spec = load_spec(_spec(tmp_path, {"tasks": {"tiny": {"corpus": {"shards": str(tiny_shards)}}},
+                                      "ablations": {"alpha": {"alpha=0": {"transfer.alfa": 0}}}}))
+    with pytest.raises(ValueError) as err:
+        plan_grid(spec, tmp_path / "out")
+    assert "tasks.tiny.ablations.alpha.alpha=0" in str(err.value) and "alfa" in str(err.value)
+
+
+def test_variants_equal_to_the_default_share_its_run(tiny_shards, tmp_path):
+    spec = load_spec(_spec(tmp_path, {
+        "seeds": [0, 1], "tasks": {"tiny": {"corpus": {"shards": str(tiny_shards)}}},
+        "ablations": {"alpha": {"alpha=0": {"transfer.alpha": 0}, "alpha=1": {"transfer": {"alpha": 1.0}}},
+                      "depth": {"shared=1": {"shared_stages": 1}, "shared=0": {"shared_stages": 0}}}}))
+    cells = plan_grid(spec, tmp_path / "out")
+    by_entry = {(c.entry, c.seed): c.run for c in cells}
+    for seed in (0, 1):
+        assert by_entry[("alpha/alpha=1", seed)] == by_entry[("cotrain", seed)] == by_entry[("depth/shared=1", seed)]
+        assert by_entry[("alpha/alpha=0", seed)] != by_entry[("cotrain", seed)]
+    assert by_entry[("cotrain", 0)] != by_entry[("cotrain", 1)]
+    # 3 unimodal + multimodal + cotrain + alpha=0 + shared=0, per seed
+    assert len({c.run for c in cells}) == 2 * 7
+
+
+def _primary(run: Path, branch: str) -> float:
+    return json.loads((run / "eval-test.json").read_text())["branches"][branch]["accuracy"]
+
+
+def test_grid_writes_results_resumes_and_refuses_a_changed_spec(tiny_shards, tmp_path):
+    data = {"seeds": [0, 1], "config": {"epochs": 1, "loader": {"batch_size": 8}},
+            "tasks": {"tiny": {"corpus": {"shards": str(tiny_shards)}}},
+            "ablations": {"alpha": {"alpha=0": {"transfer.alpha": 0}, "alpha=1": {}}}}
+    spec, out = _spec(tmp_path, data), tmp_path / "out"
+    done = _experiment(spec, "--out", out, "--jobs", "2")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "12 to train" in done.stdout  # (3 unimodal + multimodal + cotrain + alpha=0) x 2 seeds
+
+    results = json.loads((out / "results.json").read_text())["tiny"]
+    assert set(results) == {"unimodal", "multimodal", "cotrain", "alpha/alpha=0", "alpha/alpha=1"}
+    assert set(results["unimodal"]) == {"rgb", "audio", "text"}
+    assert set(results["cotrain"]) == {"rgb", "audio", "text", "multimodal"}
+    assert results["alpha/alpha=1"] == results["cotrain"]
+    runs = out / "runs" / "tiny"
+    for branch in ("rgb", "multimodal"):
+        values = [_primary(runs / f"cotrain-seed{s}", branch) for s in (0, 1)]
+        assert results["cotrain"][branch] == {"mean": pytest.approx(statistics.mean(values)),
+                                              "std": pytest.approx(statistics.pstdev(values)), "n": 2}
+    assert results["unimodal"]["audio"]["mean"] == pytest.approx(
+        statistics.mean(_primary(runs / f"unimodal-audio-seed{s}", "audio") for s in (0, 1)))
+    details = json.loads((out / "results-details.json").read_text())["tiny"]
+    assert details["metric"] == "accuracy" and set(details["val"]) == set(results)
+    assert details["teacher"]["cotrain"] == results["cotrain"]["multimodal"]
+
+    report = (out / "results.md").read_text()
+    assert MARKER in report and "### Ablation: alpha" in report and "Chosen on validation" in report
+    assert (out / "results" / "tiny-baselines.png").stat().st_size > 1000
+    assert (out / "results" / "tiny-alpha.png").stat().st_size > 1000
+
+    stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*/model.pt")}
+    (out / "results.md").write_text("# Results\n\nOur findings.\n\n" + MARKER + "\nstale\n")
+    again = _experiment(spec, "--out", out)
+    assert again.returncode == 0 and "12 already done, 0 to train" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*/model.pt")} == stamps
+    kept = (out / "results.md").read_text()
+    assert kept.startswith("# Results\n\nOur findings.") and "stale" not in kept
+
+    data["config"]["optim"] = {"lr": 0.01}
+    changed = _experiment(_spec(tmp_path, data), "--out", out)
+    assert changed.returncode != 0 and "the spec changed" in changed.stderr
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*/model.pt")} == stamps
+
+
+@pytest.mark.parametrize("alone,cotrained,larger,expected", [
+    ({"mean": 0.80, "std": 0.01, "n": 3}, {"mean": 0.85, "std": 0.01, "n": 3}, True, "better"),
+    ({"mean": 0.80, "std": 0.05, "n": 3}, {"mean": 0.82, "std": 0.05, "n": 3}, True, "within noise"),
+    ({"mean": 0.80, "std": 0.01, "n": 3}, {"mean": 0.75, "std": 0.01, "n": 3}, True, "worse"),
+    ({"mean": 0.50, "std": 0.01, "n": 3}, {"mean": 0.40, "std": 0.01, "n": 3}, False, "better"),  # MAE
+    ({"mean": 0.50, "std": 0.0, "n": 1}, {"mean": 0.51, "std": 0.0, "n": 1}, False, "worse"),
+])
+def test_verdict_weighs_the_difference_against_seed_noise(alone, cotrained, larger, expected):
+    assert verdict(alone, cotrained, larger) == expected
