@@ -3,6 +3,7 @@
 The DALI loader reads the shards with DALI's own S3 reader (AWS SDK for C++), the DALI-free loader and
 dataset.json with boto3; both must give the batches read from local disk. moto runs as its own process:
 DALI holds the GIL while it reads S3, so a server thread of the test process could not answer."""
+import json
 import os
 import socket
 import subprocess
@@ -131,3 +132,27 @@ def test_dali_reports_a_missing_s3_shard_with_the_url(tiny_shards, s3_shards):
     gone = info.with_shard_urls("val", f"s3://{BUCKET}/elsewhere/val-000000.tar")
     with pytest.raises(S3AccessError, match="elsewhere/val-000000.tar"):
         _batches(gone, "val", "dali")
+
+
+def test_dali_webdataset_reader_reads_s3_tars_with_s3_index_files(tiny_shards, s3_shards):
+    """What DALI 2.4 reads natively: fn.readers.webdataset takes s3:// `paths` and s3:// `index_paths` (the
+    `.idx` beside each tar). The loader does not use this reader (its order is not the loader's plan)."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=8, num_threads=1, device_id=None)
+    def _members():
+        meta, ids = fn.readers.webdataset(paths=[f"{s3_shards}/val-000000.tar"], ext=["json", "text.ids"],
+                                          index_paths=[f"{s3_shards}/val-000000.idx"])
+        return meta, ids
+
+    pipe = _members()
+    pipe.build()
+    meta, ids = pipe.run()
+    local = make_loader(load_dataset_info(tiny_shards), "val", LoaderConfig(batch_size=8, workers=0),
+                        modalities=["text"], training=False, backend="wds")
+    expected = next(iter(local))
+    keys = [json.loads(np.asarray(meta[i]).tobytes())["key"] for i in range(len(expected))]
+    assert keys == expected.keys
+    texts = torch.stack([torch.from_numpy(np.asarray(ids[i]).view("<i4").copy()) for i in range(len(expected))])
+    assert torch.equal(texts, expected.inputs["text"])
