@@ -4,7 +4,6 @@ The DALI loader reads the shards with DALI's own S3 reader (AWS SDK for C++), th
 dataset.json with boto3; both must give the batches read from local disk. moto runs as its own process:
 DALI holds the GIL while it reads S3, so a server thread of the test process could not answer."""
 import json
-import os
 import socket
 import subprocess
 import sys
