@@ -34,9 +34,12 @@ setup(
         "matplotlib>=3.7",
         # `--config run.yaml`: YAML run configs beside JSON.
         "pyyaml>=6",
+        # `s3://` shard roots: dataset.json and the DALI-free loader's shards are read with boto3, whose
+        # errors say which credential or endpoint is missing (the DALI loader reads shards with DALI's S3 reader).
+        "boto3>=1.28",
     ],
     # `cotrain export --format onnx` writes ONNX with onnx and checks/runs it with onnxruntime; the other formats
     # need neither, so they stay optional.
-    extras_require={"test": ["pytest>=7", "onnx>=1.15", "onnxruntime>=1.17"], "onnx": ["onnx>=1.15", "onnxruntime>=1.17"]},
+    extras_require={"test": ["pytest>=7", "onnx>=1.15", "onnxruntime>=1.17", "moto[server]>=5"], "onnx": ["onnx>=1.15", "onnxruntime>=1.17"]},
     entry_points={"console_scripts": ["cotrain=ops.cli:main"]},
 )

@@ -1,8 +1,8 @@
 """The shard directory as the loader sees it: `dataset.json` read once, shard locations resolved.
 
-A root is a local directory or an `http(s)://` prefix; a split's shards may be redirected to any
-brace-expanded list of URLs webdataset opens (`file`, `https://`, `pipe:cmd`), e.g.
-`pipe:aws s3 cp s3://bucket/train-{000000..000127}.tar -`.
+A root is a local directory, an `http(s)://` or an `s3://bucket/prefix` prefix; a split's shards may be
+redirected to any brace-expanded list of URLs webdataset opens (`file`, `https://`, `pipe:cmd`) or to
+`s3://bucket/train-{000000..000127}.tar` (read by pipeline/s3.py).
 """
 from __future__ import annotations
 
@@ -110,12 +110,17 @@ class DatasetInfo:
 def _read_remote(url: str) -> bytes:
     import webdataset as wds
 
+    from .s3 import is_s3, read_s3_object
+
+    if is_s3(url):
+        return read_s3_object(url)
     with wds.gopen(url) as stream:
         return stream.read()
 
 
 def load_dataset_info(root: str | Path) -> DatasetInfo:
-    """Read ROOT/dataset.json (ROOT a directory or an http(s) URL); a missing file means an unfinished build."""
+    """Read ROOT/dataset.json (ROOT a directory, an http(s) URL or s3://bucket/prefix); a missing file means an
+    unfinished build. s3: credentials or endpoint missing raise S3AccessError naming the AWS_* variables."""
     if is_local(str(root)):
         root = Path(root)
         path = root / "dataset.json"
@@ -126,8 +131,12 @@ def load_dataset_info(root: str | Path) -> DatasetInfo:
             )
         meta = json.loads(path.read_text())
     else:
+        from .s3 import S3AccessError
+
         try:
             meta = json.loads(_read_remote(_join(str(root), "dataset.json")))
+        except S3AccessError:
+            raise
         except Exception as error:  # noqa: BLE001 - any transport error gets the same advice
             raise FileNotFoundError(f"{root}/dataset.json could not be read ({error}); serve the whole shard "
                                     "directory, dataset.json included") from error

@@ -65,7 +65,7 @@ class BaseLoader:
         self.modalities = info.select(modalities)
         check_augment(cfg, self.modalities)
         self.shards = info.shards(split)
-        self.reader = SampleReader(self.shards)
+        self.reader = SampleReader(self.shards, s3_with_dali=self.backend == "dali")
         self.by_shard = not self.reader.random_access
         self.plan = EpochPlan(tuple(s.samples for s in self.shards), self.seed,
                               training and cfg.shuffle_buffer > 0, self.by_shard, training, rank, world_size,

@@ -1,5 +1,5 @@
 """Raw samples by global index: member bytes read by offset (local tar + index) or from a streamed shard
-(`https://`, `pipe:`, a local tar without index). Every sample is checked before decoding, so a
+(`https://`, `pipe:`, `s3://`, a local tar without index). Every sample is checked before decoding, so a
 truncated shard or a bad member is reported as `CorruptSample` with a reason, never a hang."""
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .dataset import ShardRef
+from .s3 import is_s3, read_s3_object, read_s3_objects_with_dali
 
 __all__ = ["RawSample", "CorruptSample", "SampleReader", "check_sample"]
 
@@ -55,8 +56,9 @@ def _parse_index(path: str) -> list[dict[str, tuple[int, int]]]:
 class SampleReader:
     """Reads samples of a list of shards by global index (index = position in the concatenated shards)."""
 
-    def __init__(self, shards: list[ShardRef]):
+    def __init__(self, shards: list[ShardRef], *, s3_with_dali: bool = False):
         self.shards = shards
+        self.s3_with_dali = s3_with_dali  # the DALI loader fetches s3:// shards with DALI's own S3 reader
         self.starts = np.concatenate([[0], np.cumsum([s.samples for s in shards])]).astype(np.int64)
         self._indexes: dict[int, list] = {}
         self._files: dict[int, int] = {}
@@ -107,7 +109,7 @@ class SampleReader:
     # -- streamed ----------------------------------------------------------------------------------
     def _read_streamed(self, shard: int, local: int) -> dict[str, bytes]:
         if shard not in self._streamed:
-            self._streamed[shard] = _stream_shard(self.shards[shard].url)
+            self._streamed[shard] = _stream_shard(self.shards[shard].url, s3_with_dali=self.s3_with_dali)
             while len(self._streamed) > STREAMED_SHARDS_CACHED:
                 self._streamed.popitem(last=False)
         samples = self._streamed[shard]
@@ -117,15 +119,25 @@ class SampleReader:
         return samples[local]
 
 
-def _stream_shard(url: str) -> list[dict[str, bytes]]:
-    """All complete samples of one tar, in order; a truncated tar yields the samples before the damage."""
+def _shard_bytes(url: str, s3_with_dali: bool) -> bytes:
+    """The whole tar. `s3://` is read here (outside `_stream_shard`'s damage handling) so that missing
+    credentials or a wrong endpoint raise S3AccessError instead of looking like an empty shard."""
     import webdataset as wds
 
+    if is_s3(url):
+        return read_s3_objects_with_dali([url])[0] if s3_with_dali else read_s3_object(url)
+    with wds.gopen(url) as stream:
+        return stream.read()
+
+
+def _stream_shard(url: str, s3_with_dali: bool = False) -> list[dict[str, bytes]]:
+    """All complete samples of one tar, in order; a truncated tar yields the samples before the damage."""
     samples: list[dict[str, bytes]] = []
     current_key = None
+    data = _shard_bytes(url, s3_with_dali) if is_s3(url) else None
     try:
-        with wds.gopen(url) as stream:
-            data = stream.read()
+        if data is None:
+            data = _shard_bytes(url, s3_with_dali)
         with tarfile.open(fileobj=io.BytesIO(data), mode="r|") as tar:
             for info in tar:
                 if not info.isfile():
