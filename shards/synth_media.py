@@ -6,11 +6,14 @@ function draws its randomness from the `rng` it is given, so a sample is a funct
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import av
 import numpy as np
 
-from shards.synth import SAMPLE_RATE, VIDEO_FRAMES, VIDEO_SIZE, _moving_blob
+from shards.synth import SAMPLE_RATE, VIDEO_FPS, VIDEO_FRAMES, VIDEO_SIZE, _moving_blob
 
-__all__ = ["FaceExpression", "render_depth_hand", "render_face", "render_speech"]
+__all__ = ["FaceExpression", "render_depth_hand", "render_face", "render_speech", "write_mp4"]
 
 GRID = np.arange(VIDEO_SIZE, dtype=np.float64)
 # First two formants (Hz) of five vowels /a e i o u/: each syllable picks one, so the spectrum is speech-like.
@@ -121,3 +124,18 @@ def render_depth_hand(rng: np.random.Generator, *, angle: float | None, approach
     frames[rng.random(frames.shape) < 0.03] = 0.0  # sensor holes read as 0, like a Kinect's missing depth
     grey = (np.clip(frames, 0.0, 1.0) * 255).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def write_mp4(path: Path, frames: np.ndarray) -> None:
+    """Encode (T, H, W, 3) uint8 frames to H.264 yuv420p in-process with PyAV (single-threaded, so the bytes
+    are deterministic). shards/synth.py's _write_mp4 launches ffmpeg per file, which costs 0.1-2 s on a
+    loaded machine, 15x this; the demo corpus keeps it so its bytes stay as they were."""
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=VIDEO_FPS, options={"preset": "ultrafast", "threads": "1"})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.thread_count = 1
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():  # flush the encoder's delayed frames
+            container.mux(packet)

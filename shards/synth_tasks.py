@@ -50,9 +50,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from shards.synth import (FILLER_WORDS, _moving_blob, _shown_class, _write_manifest, _write_mp4, _write_wav,
-                          assign_splits, write_synthetic_corpus)
-from shards.synth_media import FaceExpression, render_depth_hand, render_face, render_speech
+from shards.synth import (FILLER_WORDS, _moving_blob, _shown_class, _write_manifest, _write_wav, assign_splits,
+                          write_synthetic_corpus)
+from shards.synth_media import FaceExpression, render_depth_hand, render_face, render_speech, write_mp4
 
 __all__ = ["CONFUSED", "P_MISLEAD", "TASKS", "write_task_corpus"]
 
@@ -133,8 +133,8 @@ def _shown_per_modality(rng: np.random.Generator, task: str, label: int, num_cla
 def _render_gesture(rng: np.random.Generator, out: Path, key: str) -> tuple[dict, dict]:
     label = int(rng.integers(len(GESTURES)))
     shown = _shown_per_modality(rng, "gesture", label, len(GESTURES))
-    _write_mp4(out / "video" / f"{key}.mp4", _gesture_rgb(rng, shown["rgb"]))
-    _write_mp4(out / "depth" / f"{key}.mp4", _gesture_depth(rng, shown["depth"]))
+    write_mp4(out / "video" / f"{key}.mp4", _gesture_rgb(rng, shown["rgb"]))
+    write_mp4(out / "depth" / f"{key}.mp4", _gesture_depth(rng, shown["depth"]))
     return {"label": label, "rgb": f"video/{key}.mp4", "depth": f"depth/{key}.mp4"}, shown
 
 
@@ -162,7 +162,7 @@ def _gesture_depth(rng: np.random.Generator, shown: int) -> np.ndarray:
 def _render_emotion(rng: np.random.Generator, out: Path, key: str) -> tuple[dict, dict]:
     label = int(rng.integers(len(EMOTIONS)))
     shown = _shown_per_modality(rng, "emotion", label, len(EMOTIONS))
-    _write_mp4(out / "video" / f"{key}.mp4", render_face(rng, FACES[EMOTIONS[shown["rgb"]]], noise=VIDEO_NOISE))
+    write_mp4(out / "video" / f"{key}.mp4", render_face(rng, FACES[EMOTIONS[shown["rgb"]]], noise=VIDEO_NOISE))
     _write_wav(out / "audio" / f"{key}.wav", _emotion_voice(rng, EMOTIONS[shown["audio"]]))
     return {"label": label, "rgb": f"video/{key}.mp4", "audio": f"audio/{key}.wav"}, shown
 
@@ -181,7 +181,7 @@ def _render_sentiment(rng: np.random.Generator, out: Path, key: str) -> tuple[di
     shown = {name: _shown_score(rng, label, p) for name, p in P_MISLEAD["sentiment"].items()}
     curve = float(np.clip(shown["rgb"] / 1.5, -1, 1))
     face = FaceExpression(curve, rng.uniform(0, 0.5), rng.uniform(-0.5, 0.5), rng.uniform(0.3, 0.7))
-    _write_mp4(out / "video" / f"{key}.mp4", render_face(rng, face, noise=VIDEO_NOISE))
+    write_mp4(out / "video" / f"{key}.mp4", render_face(rng, face, noise=VIDEO_NOISE))
     _write_wav(out / "audio" / f"{key}.wav", _sentiment_voice(rng, shown["audio"]))
     record = {"label": label, "rgb": f"video/{key}.mp4", "audio": f"audio/{key}.wav",
               "text": render_sentiment_text(rng, shown["text"])}
