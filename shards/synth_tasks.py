@@ -33,7 +33,7 @@ modalities), so tests can check that the rendered media follow this design.
   strength 2 for about half of the strength-1 cases ("not bad" = +1) - the strong teacher-only modality,
   quantised to whole points. `rgb`: a face whose mouth curvature is score / 1.5 clipped to [-1, 1]: the sign
   and small magnitudes, saturating beyond 1.5. `audio`: a voice whose energy, pitch and rate grow with
-  |score| (arousal) and whose pitch slope weakly follows the sign: magnitude well, sign poorly.
+  |score| (arousal) and whose pitch slope follows the sign noisily: magnitude well, sign less reliably.
   Video and audio are thus complementary (sign vs magnitude), text redundant with both.
 
 Everything is a function of (seed, sample index) (np.random.default_rng([seed, index])), splits come from
@@ -60,7 +60,7 @@ TASKS = ("demo", "gesture", "emotion", "sentiment")
 P_MISLEAD = {
     "gesture": {"rgb": 0.15, "depth": 0.1},
     "emotion": {"rgb": 0.15, "audio": 0.2},
-    "sentiment": {"rgb": 0.2, "audio": 0.2, "text": 0.15},
+    "sentiment": {"rgb": 0.2, "audio": 0.2, "text": 0.1},
 }
 GESTURES = ("swipe_right", "swipe_up", "swipe_left", "swipe_down", "push", "pull")
 EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "surprised")
@@ -199,10 +199,11 @@ def _shown_score(rng: np.random.Generator, label: float, p_mislead: float) -> fl
 
 
 def _sentiment_voice(rng: np.random.Generator, score: float) -> np.ndarray:
-    """Arousal = |score| sets energy, pitch and rate; the pitch slope follows the sign only weakly."""
+    """Arousal = |score| sets energy, pitch and rate; the pitch slope follows the sign, noisily (wrong for
+    about 1 in 5 scores near 0, rarely for strong ones)."""
     arousal = abs(score) / 3
     samples = render_speech(rng, pitch=(110 + 90 * arousal) * rng.uniform(0.85, 1.2),
-                            slope=0.15 * np.sign(score) * arousal + rng.normal(0, 0.15),
+                            slope=0.4 * np.sign(score) * (0.3 + 0.7 * arousal) + rng.normal(0, 0.15),
                             rate=(2.5 + 3.5 * arousal) * rng.uniform(0.85, 1.15),
                             energy=(0.05 + 0.15 * arousal) * rng.uniform(0.85, 1.15), jitter=0.02,
                             snr_db=rng.uniform(5, 15))
