@@ -39,7 +39,7 @@ modalities), so tests can check that the rendered media follow this design.
 Everything is a function of (seed, sample index) (np.random.default_rng([seed, index])), splits come from
 shards/synth.py's assign_splits, and sizes follow the demo corpus (48x48, 16 frames at 8 fps, 1 s 16 kHz).
 
-Measured levels: see docs/shards.md, "Synthetic corpora".
+Measured levels (design ceilings and the training runs done so far): docs/shards.md, "Synthetic corpora".
 """
 from __future__ import annotations
 
