@@ -9,7 +9,6 @@ import click
 
 from shards.build import BuildError, build_shards
 from shards.manifest import ManifestError
-from shards.synth import write_synthetic_corpus
 from shards.manifest import LABEL_TYPES
 from shards.transcode import AUDIO_FORMATS, FRAME_POLICIES, RESIZE_POLICIES, VIDEO_CODECS
 
@@ -19,17 +18,29 @@ shards_group = click.Group("shards", help="Build WebDataset shards (with DALI in
 
 
 @shards_group.command("synth")
+@click.option("--task", default="demo", show_default=True, metavar="NAME",
+              help="demo (the built-in rgb/audio/text corpus), gesture (rgb + depth), emotion (face video + "
+                   "voice) or sentiment (video + voice + text, regression in [-3, 3]); see docs/shards.md.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder for video/, audio/ and manifest.jsonl.")
-@click.option("--n", "count", type=click.IntRange(min=1), default=600, show_default=True, help="Samples.")
+              help="Folder for the media folders and manifest.jsonl.")
+@click.option("--count", "--n", "count", type=click.IntRange(min=1), default=600, show_default=True,
+              help="Samples.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--classes", type=click.IntRange(min=2), default=6, show_default=True, help="Number of classes.")
+@click.option("--classes", type=click.IntRange(min=2), default=None,
+              help="Number of classes of --task demo [default: 6]; the other tasks have fixed classes.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Encoding processes.")
-def synth_command(out: Path, count: int, seed: int, classes: int, workers: int) -> None:
-    """Write a synthetic rgb/audio/text corpus whose modalities carry the label noisily and differently."""
+def synth_command(task: str, out: Path, count: int, seed: int, classes: int | None, workers: int) -> None:
+    """Write a synthetic corpus whose modalities carry the label noisily and differently."""
+    from shards.synth_tasks import TASKS, write_task_corpus
+    if task not in TASKS:
+        raise click.BadParameter(f"{task!r} is not a synthetic task; use one of {', '.join(TASKS)}.",
+                                 param_hint="--task")
+    if classes is not None and task != "demo":
+        raise click.BadParameter(f"--task {task} has a fixed set of classes; --classes applies to --task demo "
+                                 f"only.", param_hint="--classes")
     started = time.monotonic()
-    manifest = write_synthetic_corpus(out, n=count, seed=seed, num_classes=classes, workers=workers)
-    click.echo(f"Wrote {count} samples ({classes} classes, seed {seed}) in {time.monotonic() - started:.1f} s; "
+    manifest = write_task_corpus(task, out, n=count, seed=seed, workers=workers, num_classes=classes or 6)
+    click.echo(f"Wrote {count} {task} samples (seed {seed}) in {time.monotonic() - started:.1f} s; "
                f"manifest: {manifest}")
 
 
