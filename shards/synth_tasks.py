@@ -92,6 +92,7 @@ SENTIMENT_WORDS = {  # (sign, strength) -> synonyms
 }
 SPOKEN_FILLERS = ("um", "uh", "like", "you", "know", "i", "mean", "so", "well", "it", "was")
 VIDEO_NOISE = 0.15
+DEPTH_NOISE = 0.08
 MEDIA_FOLDERS = {"gesture": ("video", "depth"), "emotion": ("video", "audio"), "sentiment": ("video", "audio")}
 
 
@@ -154,9 +155,9 @@ def _gesture_rgb(rng: np.random.Generator, shown: int) -> np.ndarray:
 def _gesture_depth(rng: np.random.Generator, shown: int) -> np.ndarray:
     """Push/pull ramp the hand's nearness; swipes move it, left and right (0, 2) with a random sign alike."""
     if shown >= 4:
-        return render_depth_hand(rng, angle=None, approach=1.0 if shown == 4 else -1.0, noise=0.12)
+        return render_depth_hand(rng, angle=None, approach=1.0 if shown == 4 else -1.0, noise=DEPTH_NOISE)
     angle = float(rng.choice([0.0, np.pi])) if shown in (0, 2) else np.pi / 2 * shown
-    return render_depth_hand(rng, angle=angle, approach=0.0, noise=0.12)
+    return render_depth_hand(rng, angle=angle, approach=0.0, noise=DEPTH_NOISE)
 
 
 def _render_emotion(rng: np.random.Generator, out: Path, key: str) -> tuple[dict, dict]:
