@@ -151,7 +151,7 @@ def prepare_corpus(task: TaskSpec, out: Path) -> Path:
     if "shards" in task.corpus:
         return Path(task.corpus["shards"])
     from shards.build import build_shards
-    from shards.synth import write_task_corpus
+    from shards.synth_tasks import write_task_corpus
 
     corpus, shards = out / "corpus" / task.name, out / "shards" / task.name
     manifest = corpus / "manifest.jsonl"

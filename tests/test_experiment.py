@@ -110,6 +110,20 @@ def test_grid_writes_results_resumes_and_refuses_a_changed_spec(tiny_shards, tmp
     assert {p: p.stat().st_mtime_ns for p in runs.glob("*/model.pt")} == stamps
 
 
+def test_quick_grid_of_the_shipped_spec_runs_every_cell(tmp_path):
+    """The CI-sized version of experiments/paper.yaml: every task, every ablation variant, one seed."""
+    out = tmp_path / "quick"
+    done = _experiment(REPO / "experiments" / "paper.yaml", "--quick", "--out", out, "--jobs", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    spec = load_spec(REPO / "experiments" / "paper.yaml")
+    assert set(results) == set(spec.tasks)
+    for name, task in spec.tasks.items():
+        entries = {f"{a}/{v}" for a, variants in task.ablations.items() for v in variants}
+        assert {"unimodal", "multimodal", "cotrain"} | entries == set(results[name])
+        assert all(s["n"] == 1 for entry in results[name].values() for s in entry.values())
+
+
 @pytest.mark.parametrize("alone,cotrained,larger,expected", [
     ({"mean": 0.80, "std": 0.01, "n": 3}, {"mean": 0.85, "std": 0.01, "n": 3}, True, "better"),
     ({"mean": 0.80, "std": 0.05, "n": 3}, {"mean": 0.82, "std": 0.05, "n": 3}, True, "within noise"),
