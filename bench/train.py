@@ -12,6 +12,9 @@ Prints one JSON object:
 - `zero`: per stage 0-3 at 2 ranks, rank 0's optimizer and gradient state (Adam moments, fp32 master
   partitions, the gradients the optimizer steps on) and peak RSS, for a widened model, in fp32 (CPU
   training) and bf16 (GPU training precision); `zero2_vs_zero0_state_bytes` (bf16) and `..._fp32`;
+  beside that count, `live_at_step` / `live_after_step`: every tensor storage alive then except the weights
+  (DeepSpeed's bucket buffers and flat copies included, torch.empty buffers at full size), and
+  `zero2_vs_zero0_live_bytes_at_step`;
 - `samples_per_s_1_rank`, `samples_per_s_2_ranks`, `scaling_2_ranks`.
 Quote ratios; absolute times drift on shared machines.
 """
