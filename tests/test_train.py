@@ -180,7 +180,7 @@ from ops.engine import init_distributed, rank_info
 import torch
 init_distributed()
 rank, _, _ = rank_info()
-open(os.path.join(sys.argv[1], f"threads-rank{rank}"), "w").write(str(torch.get_num_threads()))
+open(os.path.join(sys.argv[-1], f"threads-rank{rank}"), "w").write(str(torch.get_num_threads()))  # --local_rank comes first
 """
 
 
