@@ -68,7 +68,7 @@ def _train(shards: Path, run: Path, epochs: int, *args: str, ranks: int = 1) -> 
 
 def _last_epoch_rate(log: str) -> float:
     """samples/s of the last epoch (the first pays for start-up)."""
-    return float(re.findall(r"epoch \d+/\d+ .* (\d+) samples/s", log)[-1])
+    return float(re.findall(r"epoch \d+/\d+ .* ([\d.]+) samples/s", log)[-1])
 
 
 def step_seconds(shards: Path, work: Path, epochs: int, batch_size: int) -> dict:

@@ -240,7 +240,7 @@ class Trainer:
         rate = samples * self.world / max(time.perf_counter() - started, 1e-9)
         _log(self.rank, f"epoch {self.state.epoch + 1}/{self.cfg.epochs}  loss {means.get('total', float('nan')):.4f}  "
                         + "  ".join(f"{k.removesuffix('_loss')} {v:.3f}" for k, v in means.items() if k != "total")
-                        + f"  {rate:.0f} samples/s")
+                        + f"  {rate:.1f} samples/s")
         return means
 
     def _after_step(self) -> bool:
