@@ -12,6 +12,9 @@ Prints one JSON object:
 - `zero`: per stage 0-3 at 2 ranks, rank 0's optimizer and gradient state (Adam moments, fp32 master
   partitions, the gradients the optimizer steps on) and peak RSS, for a widened model, in fp32 (CPU
   training) and bf16 (GPU training precision); `zero2_vs_zero0_state_bytes` (bf16) and `..._fp32`;
+  beside that count, `live_at_step` / `live_after_step`: every tensor storage alive then except the weights
+  (DeepSpeed's bucket buffers and flat copies included, torch.empty buffers at full size), and
+  `zero2_vs_zero0_live_bytes_at_step`;
 - `samples_per_s_1_rank`, `samples_per_s_2_ranks`, `scaling_2_ranks`.
 Quote ratios; absolute times drift on shared machines.
 """
@@ -65,7 +68,7 @@ def _train(shards: Path, run: Path, epochs: int, *args: str, ranks: int = 1) -> 
 
 def _last_epoch_rate(log: str) -> float:
     """samples/s of the last epoch (the first pays for start-up)."""
-    return float(re.findall(r"epoch \d+/\d+ .* (\d+) samples/s", log)[-1])
+    return float(re.findall(r"epoch \d+/\d+ .* ([\d.]+) samples/s", log)[-1])
 
 
 def step_seconds(shards: Path, work: Path, epochs: int, batch_size: int) -> dict:
@@ -99,6 +102,28 @@ def _inner_optimizer(optimizer):
     return optimizer
 
 
+def _live_storage_bytes(module, inner) -> dict:
+    """Every tensor storage alive now, found from the garbage collector's objects plus the gradients (which
+    live in C++ until read), the storages behind the model's weights left out: what DeepSpeed and the
+    optimizer really hold beside the weights, bucket buffers and flat copies included, not only the state
+    the optimizer names. `virtual` counts torch.empty buffers at full size, pages never touched included."""
+    import gc
+
+    import torch
+
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    tensors = [t for t in gc.get_objects() if torch.is_tensor(t)]
+    tensors += [p.grad for p in module.parameters() if p.grad is not None]
+    tensors += [p.grad for g in inner.param_groups for p in g["params"] if p.grad is not None]
+    storages = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() and storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+    return {"live_bytes": sum(storages.values()), "live_storages": len(storages),
+            "largest_bytes": sorted(storages.values(), reverse=True)[:4]}
+
+
 def zero_probe(stage: int, bf16: bool, out: Path) -> None:
     """A few steps of a widened co-training model; rank 0 writes the optimizer and gradient state it held."""
     import torch
@@ -125,6 +150,7 @@ def zero_probe(stage: int, bf16: bool, out: Path) -> None:
     def counting_step(*args, **kwargs):  # the gradients the optimizer actually steps on, at step time
         seen["grad_bytes"] = sum(p.grad.numel() * p.grad.element_size() for g in inner.param_groups
                                  for p in g["params"] if p.grad is not None)
+        seen["at_step"] = _live_storage_bytes(engine.module, inner)
         return original(*args, **kwargs)
 
     inner.step = counting_step
@@ -146,6 +172,7 @@ def zero_probe(stage: int, bf16: bool, out: Path) -> None:
             "stage": stage, "bf16": bf16, "world_size": world, "params": params, "moment_bytes": moments,
             "master_bytes": masters, "grad_bytes": seen["grad_bytes"],
             "state_bytes": moments + masters + seen["grad_bytes"],
+            "live_at_step": seen["at_step"], "live_after_step": _live_storage_bytes(engine.module, inner),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
@@ -164,7 +191,10 @@ def zero_states(work: Path) -> dict:
             results[f"{stage}-{'bf16' if bf16 else 'fp32'}"] = json.loads(out.read_text())
     ratio = lambda key: results[f"2-{key}"]["state_bytes"] / results[f"0-{key}"]["state_bytes"]  # noqa: E731
     return {"zero": results, "zero2_vs_zero0_state_bytes": ratio("bf16"),
-            "zero2_vs_zero0_state_bytes_fp32": ratio("fp32")}
+            "zero2_vs_zero0_state_bytes_fp32": ratio("fp32"),
+            "zero2_vs_zero0_live_bytes_at_step": {k: results[f"2-{k}"]["live_at_step"]["live_bytes"]
+                                                  / results[f"0-{k}"]["live_at_step"]["live_bytes"]
+                                                  for k in ("fp32", "bf16")}}
 
 
 def main() -> None:

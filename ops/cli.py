@@ -71,6 +71,9 @@ RUN_OPTIONS = {
     "offload-optimizer/--no-offload-optimizer": (dict(default=None, help="Optimizer state in host memory "
                                                                          "(ZeRO >= 1)."),
                                                  "optim.offload_optimizer"),
+    "cpu-threads": (dict(type=click.IntRange(0), help="torch threads per rank on CPU (0: OMP_NUM_THREADS if set, "
+                                                      "else cores / ranks on this machine). [default: 0]"),
+                    "cpu_threads"),
     "save-every": (dict(type=int, help="Checkpoint every N optimizer steps (0: only on SIGTERM). [default: 0]"),
                    "checkpoint.save_every"),
     "keep-checkpoints": (dict(type=int, help="Checkpoints kept (>= 2). [default: 2]"), "checkpoint.keep"),

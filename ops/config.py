@@ -107,6 +107,11 @@ class RunConfig:
     """Modalities that get a unimodal branch (empty = all); the others feed only the teacher."""
     encoders: dict = field(default_factory=dict)
     """Per modality kind or name: {"name", "shared_stages", "pool", **encoder options} (model/presets.py)."""
+    cpu_threads: int = 0
+    """torch compute threads per rank in CPU training; 0 = OMP_NUM_THREADS when set, else this machine's
+    cores divided by the ranks on it (torch's own default, every core in every rank, oversubscribes the
+    cores as soon as two ranks share a machine). Not part of the config hash: it changes speed, not the model
+    (beyond float rounding)."""
     eval_every: int = 1
     """Validate every N epochs (and after the last); each branch keeps its best weights. 0 turns it off."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
@@ -124,6 +129,8 @@ class RunConfig:
             raise ValueError(f"--mode unimodal trains one modality: pass --modalities NAME (got {self.modalities})")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.cpu_threads < 0:
+            raise ValueError(f"cpu_threads must be >= 0 (0 = cores / ranks on this machine), got {self.cpu_threads}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -136,7 +143,7 @@ class RunConfig:
 def config_hash(cfg: RunConfig) -> str:
     """A hash of what decides the training math: a resume under another hash would not be the same run.
     Where the run lives, how it checkpoints and where it exports metrics are left out."""
-    data = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "metrics", "checkpoint", "shards")}
+    data = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "metrics", "checkpoint", "shards", "cpu_threads")}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -6,7 +6,8 @@ import socket
 
 import torch
 
-__all__ = ["free_port", "init_distributed", "rank_info", "build_engine"]
+__all__ = ["free_port", "init_distributed", "rank_info", "build_engine", "cpu_threads_per_rank",
+           "set_cpu_threads"]
 
 
 def free_port() -> int:
@@ -16,8 +17,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> None:
-    """Join the process group the launcher describes, or make a world of one.
+def init_distributed(cpu_threads: int = 0) -> None:
+    """Join the process group the launcher describes, or make a world of one, and give this rank its share
+    of the CPU threads (set_cpu_threads; `cpu_threads` > 0 overrides it).
 
     Without the launcher's variables DeepSpeed would try MPI discovery; a single process
     gets RANK=0, WORLD_SIZE=1 and a free loopback port instead.
@@ -30,18 +32,45 @@ def init_distributed() -> None:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    if os.environ.get("WORLD_SIZE") == "1":
-        _skip_shm_comm_op()
+    set_cpu_threads(cpu_threads)
+    if not torch.cuda.is_available():
+        _skip_shm_all_reduce()
     deepspeed.init_distributed(verbose=False)
 
 
-def _skip_shm_comm_op() -> None:
-    """A world of one has nothing to all-reduce, so keep DeepSpeed's CPU backend from JIT-compiling its
-    shared-memory comm op: that is minutes of C++ on a small CPU machine, repeated whenever the op cache was
-    built by another environment (we measured a 1-epoch run taking 10 minutes waiting on it)."""
+def _skip_shm_all_reduce() -> None:
+    """Keep DeepSpeed's CPU backend from building its shared-memory all-reduce op.
+
+    Training never uses it (only DeepSpeed's inference_all_reduce does; gradients go through gloo), yet
+    init_distributed compiles it with g++ whenever the cached build came from another path to DeepSpeed
+    (minutes, 1.5 GB per compiler), and every rank then creates a 66 MB /dev/shm/deepspeed_allreduce_buffer_*
+    file that it never unlinks: on a machine running many short jobs, RAM filled up with them (20 GB)."""
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def cpu_threads_per_rank(requested: int = 0) -> int:
+    """torch intra-op threads for this rank on CPU: `requested` when > 0, else OMP_NUM_THREADS when the user
+    set it, else this process's cores divided among the ranks on this node (LOCAL_SIZE, set by the launcher).
+
+    torch's default is every core in every rank: two ranks on two cores then run four compute threads plus
+    their loaders' threads, and the oversubscribed threads spin-wait on each other."""
+    if requested > 0:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    return max(1, cores // max(local_ranks, 1))
+
+
+def set_cpu_threads(requested: int = 0) -> int:
+    """Apply cpu_threads_per_rank to torch (CPU runs only: on a GPU the threads barely matter); returns it."""
+    threads = cpu_threads_per_rank(requested)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+    return threads
 
 
 def rank_info() -> tuple[int, int, int]:

@@ -226,15 +226,13 @@ def _check_unchanged(cell: Cell) -> None:
 
 def _train_cell(cfg_dict: dict, threads: int) -> float:
     """Train and score one run (in a worker process); returns its wall time in seconds."""
-    import torch
-
     from .config import _build
     from .evaluate import evaluate_run
     from .train import train
 
-    if threads:
-        torch.set_num_threads(threads)
     cfg = _build(RunConfig, cfg_dict)
+    if threads and not cfg.cpu_threads:  # `jobs` runs share the cores; a config's own setting wins
+        cfg.cpu_threads = threads
     run, started = Path(cfg.out), time.perf_counter()
     if not (run / MODEL_FILE).is_file():
         resume = (run / "checkpoints" / "latest").is_file()

@@ -77,7 +77,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, resume: bool = False, allow_reshard: bool = False):
         self.cfg, self.out = cfg, Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        init_distributed()
+        init_distributed(cfg.cpu_threads)
         self.rank, self.local_rank, self.world = rank_info()
         self.gpu = torch.cuda.is_available()
         torch.manual_seed(cfg.seed)
@@ -87,7 +87,9 @@ class Trainer:
                                   seed=cfg.seed, rank=self.rank, world_size=self.world,
                                   device_id=self.local_rank if self.gpu else None)
         self.specs = _specs(cfg, self.modalities)
-        cfg.task.type = getattr(self.info, "label", {}).get("type", "class")
+        # the one source of the task type: the loss (cfg.task), validation and the report all read it from here
+        self.task, self.task_size = task_of(self.info)
+        cfg.task.type = self.task
         model = self._build_model()
         steps = self.loader.steps_per_epoch
         self.total_steps = cfg.epochs * steps  # micro-steps: the transfer schedule's clock
@@ -238,7 +240,7 @@ class Trainer:
         rate = samples * self.world / max(time.perf_counter() - started, 1e-9)
         _log(self.rank, f"epoch {self.state.epoch + 1}/{self.cfg.epochs}  loss {means.get('total', float('nan')):.4f}  "
                         + "  ".join(f"{k.removesuffix('_loss')} {v:.3f}" for k, v in means.items() if k != "total")
-                        + f"  {rate:.0f} samples/s")
+                        + f"  {rate:.1f} samples/s")
         return means
 
     def _after_step(self) -> bool:
@@ -278,29 +280,32 @@ class Trainer:
         return loader, copy
 
     def _validation_model(self):
+        """(model to score, its fp32 state or None). Under ZeRO-3 the state gathered into rank 0's copy comes
+        back too, so a branch that improves saves it as it is instead of copying the weights a second time."""
         if self.cfg.optim.zero_stage != 3:
-            return self.engine.module
-        with _zero3_gather(self.engine, self.cfg):  # a collective: every rank is here
-            state = _fp32_state(self.engine.module)
+            return self.engine.module, None
+        with _zero3_gather(self.engine, self.cfg):  # a collective: every rank is here, only rank 0 keeps a copy
+            state = _fp32_state(self.engine.module) if self.eval_model is not None else None
         if self.eval_model is not None:
             self.eval_model.load_state_dict(state)
-        return self.eval_model
+        return self.eval_model, state
 
     def _validate(self, epoch: int, train_means: dict[str, float]) -> None:
         """Score every branch on val; keep each branch's best weights by its own val accuracy."""
         last = epoch + 1 == self.cfg.epochs
         if self.cfg.eval_every == 0 or ((epoch + 1) % self.cfg.eval_every and not last):
             return
-        model = self._validation_model()
+        model, gathered = self._validation_model()
         if self.val_loader is None:
             return
-        task, size = task_of(self.info)
-        scores = score_branches(model, self.val_loader, prepare=self._cast, task=task, size=size)
+        task = self.task
+        scores = score_branches(model, self.val_loader, prepare=self._cast, task=task, size=self.task_size)
         scores = {b: {k: v for k, v in s.items() if k != "confusion"} for b, s in scores.items()}
         self.metrics.record_eval("val", scores, epoch=epoch + 1)
         best = self.state.best
         improved = [b for b, s in scores.items() if is_better(task, s, best.get(b))]
-        state = _fp32_state(model) if improved else None  # one copy, however many branches improved
+        # one copy, however many branches improved; none at all under ZeRO-3, where the gathered state is it
+        state = (gathered if gathered is not None else _fp32_state(model)) if improved else None
         for branch in improved:
             best[branch] = dict(scores[branch], epoch=epoch + 1)
             (self.out / BEST_DIR).mkdir(exist_ok=True)
@@ -314,9 +319,9 @@ class Trainer:
         if self.rank != 0 or not self.state.best:
             return
         (self.out / "history.json").write_text(json.dumps(self.state.history, indent=2) + "\n")
-        task, _ = task_of(self.info)
-        metric = primary_metric(task)
-        result = {"split": "val", "mode": self.cfg.mode, "which": "best", "task": task, "branches": self.state.best}
+        metric = primary_metric(self.task)
+        result = {"split": "val", "mode": self.cfg.mode, "which": "best", "task": self.task,
+                  "branches": self.state.best}
         (self.out / "eval-val.json").write_text(json.dumps(result, indent=2) + "\n")
         _log(0, f"best val {metric} " + "  ".join(f"{b} {s[metric]:.3f} (epoch {s['epoch']})"
                                                   for b, s in self.state.best.items()))
@@ -332,7 +337,9 @@ class Trainer:
                                              port=self.cfg.metrics.port + self.local_rank,
                                              folder=self.cfg.metrics.targets_dir or None)
         _log(self.rank, f"training {self.cfg.mode} on {', '.join(self.modalities)}: {self.world} rank(s), "
-                        f"{self.loader.steps_per_epoch} steps/epoch, metrics at {url or 'off'}")
+                        f"{self.loader.steps_per_epoch} steps/epoch, "
+                        + ("" if self.gpu else f"{torch.get_num_threads()} CPU thread(s) per rank, ")
+                        + f"metrics at {url or 'off'}")
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             while self.state.epoch < self.cfg.epochs:

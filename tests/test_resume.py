@@ -222,3 +222,8 @@ def test_zero_stages_train_two_ranks_to_identical_parameters(tiny_shards, tmp_pa
     history = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]  # validated every epoch, ZeRO-3 included
     assert set(json.loads((run / "eval-val.json").read_text())["branches"]) == {"rgb", "audio", "text", "multimodal"}
+    # each branch's best weights are a whole fp32 state (under ZeRO-3: the one gathered for validation)
+    final = torch.load(run / "model.pt", weights_only=False)["state_dict"]
+    for branch in ("rgb", "audio", "text", "multimodal"):
+        best = torch.load(run / "best" / f"{branch}.pt")
+        assert best.keys() == final.keys() and all(v.dtype == torch.float32 for v in best.values())

@@ -170,3 +170,47 @@ def test_two_launchers_as_two_nodes_without_ssh_train_together(tiny_shards, tmp_
     assert [p.returncode for p in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "nnodes=2" in outputs[0] and "2 rank(s)" in outputs[0]
     assert (run / "params-rank0.sha256").read_text() == (run / "params-rank1.sha256").read_text()
+
+
+# --- CPU threads per rank ----------------------------------------------------------------------------------
+
+RANK_THREADS = """
+import os, sys
+from ops.engine import init_distributed, rank_info
+import torch
+init_distributed()
+rank, _, _ = rank_info()
+open(os.path.join(sys.argv[-1], f"threads-rank{rank}"), "w").write(str(torch.get_num_threads()))  # --local_rank comes first
+"""
+
+
+def _cores() -> int:
+    import os
+    return len(os.sched_getaffinity(0))
+
+
+def test_two_ranks_on_one_machine_share_its_cores(tmp_path):
+    script = tmp_path / "threads.py"
+    script.write_text(RANK_THREADS)
+    env = clean_env()
+    env.pop("OMP_NUM_THREADS", None)
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), str(script),
+           str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    threads = [int((tmp_path / f"threads-rank{r}").read_text()) for r in range(2)]
+    assert threads == [max(1, _cores() // 2)] * 2  # 1 each on a 2-core machine, not torch's default of 2
+
+
+def test_explicit_thread_counts_win_over_the_share(monkeypatch):
+    from ops.engine import cpu_threads_per_rank
+
+    monkeypatch.setenv("LOCAL_SIZE", "2")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_threads_per_rank() == max(1, _cores() // 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads_per_rank() == 3          # the user's environment
+    assert cpu_threads_per_rank(requested=5) == 5  # the run config's cpu_threads, over both
+    monkeypatch.setenv("LOCAL_SIZE", str(4 * _cores()))
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_threads_per_rank() == 1          # more ranks than cores: never 0
