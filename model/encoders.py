@@ -336,6 +336,7 @@ def build_encoder(kind: str, name: str | None = None, **cfg) -> StagedEncoder:
         raise ValueError(f"unknown modality kind {kind!r}; valid kinds: {', '.join(sorted(ENCODERS))}")
     names = ENCODERS[kind]
     name = name or next(iter(names))
+    centre = bool(cfg.pop("centre", kind == "depth"))
     if name not in names:
         raise ValueError(f"unknown {kind} encoder {name!r}; valid names: {', '.join(sorted(names))}")
     try:
@@ -344,7 +345,26 @@ def build_encoder(kind: str, name: str | None = None, **cfg) -> StagedEncoder:
         raise ValueError(f"{kind} encoder {name!r}: {err}; see {names[name].__name__}'s signature in "
                          f"model/encoders.py") from err
     encoder.kind = kind
+    if centre:  # option `centre` (video and depth encoders): on by default for depth, see CentredInput
+        if kind not in ("video", "depth"):
+            raise ValueError(f"encoder option centre applies to video and depth encoders, not {kind!r}")
+        encoder.stages[0] = CentredInput(encoder.stages[0])
     return encoder
+
+
+class CentredInput(nn.Module):
+    """Subtract each clip's mean before `stage`. A depth clip is mostly far wall, so in [-1, 1] it sits far
+    from 0 (mean -0.77 on the gesture corpus); a bias-free conv then GroupNorm turns that offset into
+    channel-wide constants and zero-padding edges that drown a small hand: a depth-only CNN stayed at
+    chance for 12 epochs, and the same CNN on centred clips fit 4 batches in 60 steps (loss 1.67 -> 0.84).
+    Changes over time (a hand coming closer) survive: one mean per clip, not per frame."""
+
+    def __init__(self, stage: nn.Module):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage(x - x.mean(dim=(1, 2, 3, 4), keepdim=True))
 
 
 def tokens_of(features: torch.Tensor) -> torch.Tensor:

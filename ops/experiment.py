@@ -108,7 +108,7 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     """Read and check SPEC.yaml (or .json); errors name the key and what to write instead."""
     from .config import read_config_file
 
-    data = read_config_file(path)
+    data = {k: v for k, v in read_config_file(path).items() if not str(k).startswith("x-")}  # YAML anchors
     unknown = set(data) - {"tasks", "seeds", "config", "ablations"}
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; a spec has tasks, seeds, config and ablations")
@@ -178,8 +178,13 @@ def _resolve(layers: list[dict], where: str) -> RunConfig:
         raise ValueError(f"{where}: {err}") from err
 
 
-def _task_cells(spec: ExperimentSpec, task: TaskSpec, shards: Path, modalities: list[str], seed: int) -> list[Cell]:
-    common = {"shards": str(shards), "out": "-", "seed": seed, "metrics": {"port": 0}}
+def _task_cells(spec: ExperimentSpec, task: TaskSpec, shards: Path, info, seed: int) -> list[Cell]:
+    from .evaluate import task_of
+
+    modalities = list(info.modalities)
+    # the task type comes from dataset.json, as the Trainer sets it, so a finished run's config matches
+    common = {"shards": str(shards), "out": "-", "seed": seed, "metrics": {"port": 0},
+              "task": {"type": task_of(info)[0]}}
     base = [spec.config, task.config, common]
     where = f"{spec.source}: tasks.{task.name}"
     cells = [Cell(task.name, f"unimodal/{m}", seed,
@@ -201,9 +206,9 @@ def plan_grid(spec: ExperimentSpec, out: Path) -> list[Cell]:
     cells, runs = [], {}
     for task in spec.tasks.values():
         shards = prepare_corpus(task, out)
-        modalities = list(load_dataset_info(shards).modalities)
+        info = load_dataset_info(shards)
         for seed in spec.seeds:
-            for cell in _task_cells(spec, task, shards, modalities, seed):
+            for cell in _task_cells(spec, task, shards, info, seed):
                 label = cell.entry.replace("/", "-")
                 cell.run = runs.setdefault(cell.key, out / "runs" / task.name / f"{label}-seed{seed}")
                 cell.cfg.out = str(cell.run)
@@ -250,8 +255,10 @@ def pending_runs(cells: list[Cell]) -> list[Cell]:
     """One cell per distinct run that is not finished yet, in grid order."""
     seen, todo = set(), []
     for cell in cells:
-        _check_unchanged(cell)
-        if cell.run in seen or _is_finished(cell.run):
+        if cell.run in seen:
+            continue
+        if _is_finished(cell.run):
+            _check_unchanged(cell)  # an unfinished run restarts or resumes (resume checks its own hash)
             continue
         seen.add(cell.run)
         todo.append(cell)

@@ -93,3 +93,23 @@ def test_unknown_names_and_bad_options_are_explained():
         build_encoder("video", "resnet3d", widths=(4, 4))
     with pytest.raises(ValueError, match="'logmel' or 'mfcc'"):
         build_encoder("audio", "cnn1d4", features="wav")
+
+
+@pytest.mark.parametrize("kind,options", [("depth", {}), ("video", {"centre": True})])
+def test_centred_encoders_ignore_a_constant_offset_of_the_clip(kind, options):
+    """Depth (by default) and video with centre=True see each clip minus its mean: a far wall's offset must
+    not change what the encoder computes, while the uncentred video encoder does change."""
+    torch.manual_seed(0)
+    channels = 1 if kind == "depth" else 3
+    centred = build_encoder(kind, None, in_channels=channels, widths=(4, 8, 8), **options).eval()
+    plain = build_encoder(kind, None, in_channels=channels, widths=(4, 8, 8), centre=False).eval()
+    plain.load_state_dict({k.replace("stages.0.stage.", "stages.0."): v for k, v in centred.state_dict().items()})
+    clip = torch.randn(2, channels, 4, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(centred(clip), centred(clip - 0.8), atol=1e-5)
+        assert not torch.allclose(plain(clip), plain(clip - 0.8), atol=1e-3)
+
+
+def test_centre_is_refused_for_non_video_encoders():
+    with pytest.raises(ValueError, match="centre applies to video and depth"):
+        build_encoder("audio", None, centre=True)
