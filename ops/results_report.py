@@ -126,8 +126,9 @@ def write_results_report(results: dict, details: dict, path: Path) -> str:
     kept = path.read_text().split(MARKER)[0].rstrip() + "\n\n" if path.is_file() and MARKER in path.read_text() \
         else "# Results\n\n"
     grid = details.get("_grid", {})
-    lines = [MARKER, "", f"Spec: `{grid.get('spec', '?')}`; grid wall time {grid.get('wall_seconds', 0) / 60:.1f} min "
-             f"with {grid.get('jobs', 1)} job(s).", ""]
+    lines = [MARKER, "", f"Spec: `{grid.get('spec', '?')}`; the invocation that wrote this took "
+             f"{grid.get('wall_seconds', 0) / 60:.1f} min with {grid.get('jobs', 1)} job(s) (finished runs are "
+             "skipped, not re-timed; each task's summed run time is given below).", ""]
     for task in results:
         lines += _task_section(task, results[task], details[task], plots, plots.name)
     text = kept + "\n".join(lines) + "\n"
@@ -191,7 +192,9 @@ def _plot_ablation(ablation: str, entries: dict[str, dict], results: dict, metri
         alone = _baseline(results, branch)
         if alone:
             ax.axhline(scale * alone["mean"], color=colour, linestyle=":", linewidth=1)
-    if not xs:
+    if xs:
+        ax.set_xlabel(re.sub(r"=?-?\d+(?:\.\d+)?$", "", variants[0]) or ablation)
+    else:
         ax.set_xticks(range(len(variants)), variants, rotation=15, fontsize=8)
     ax.set(title=f"{ablation} (dotted: trained alone)", ylabel=metric + (" (%)" if scale != 1 else ""))
     ax.legend(fontsize=7)
