@@ -21,7 +21,6 @@ import dataclasses
 import json
 import os
 import shutil
-import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from model.cotrain import TEACHER
 
 from .config import RunConfig, config_hash, load_config, resolve_config
 from .evaluate import MODEL_FILE
+from .report import _summary  # mean, population std and n, as `cotrain report` summarises seeds
 from .scores import PRIMARY
 
 __all__ = ["Cell", "ExperimentSpec", "load_spec", "plan_grid", "run_grid", "summarize", "run_experiment"]
@@ -288,11 +288,6 @@ def run_grid(cells: list[Cell], *, jobs: int = 1) -> None:
 
 
 # -- summaries ----------------------------------------------------------------------------------------------
-
-def _summary(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
-
 
 def _scores(run: Path, split: str) -> dict:
     return json.loads((run / f"eval-{split}.json").read_text())
