@@ -12,24 +12,10 @@ from pathlib import Path
 
 from .config import MetricsConfig, RunConfig
 from .evaluate import MODEL_FILE, evaluate_run
+from .experiment import synthetic_shards
 from .report import collect_runs, comparison_rows, format_comparison, group_runs, write_report
 
 __all__ = ["run_demo"]
-
-
-def _prepare_shards(work: Path, n: int) -> Path:
-    from shards.build import build_shards
-    from shards.synth import write_synthetic_corpus
-
-    corpus, shards = work / "corpus", work / "shards"
-    manifest = corpus / "manifest.jsonl"
-    if not manifest.is_file():
-        print(f"[demo] synthesizing {n} samples into {corpus}", flush=True)
-        write_synthetic_corpus(corpus, n=n, seed=0)
-    if not (shards / "dataset.json").is_file():
-        print(f"[demo] building shards into {shards}", flush=True)
-        build_shards(manifest, out=shards)
-    return shards
 
 
 def _plan(modalities: list[str]) -> list[tuple[str, str, list[str]]]:
@@ -51,7 +37,7 @@ def _train_and_score(run: Path, cfg: RunConfig) -> None:
 def run_demo(*, workdir: str, n: int, epochs: int, seeds: list[int], metrics_port: int) -> list[dict]:
     """Run every stage and print the comparison table (test accuracy, %)."""
     started, work = time.perf_counter(), Path(workdir)
-    shards = _prepare_shards(work, n)
+    shards = synthetic_shards("demo", work / "corpus", work / "shards", n=n, seed=0, log="demo")
     from pipeline.dataset import load_dataset_info
 
     modalities = list(load_dataset_info(shards).modalities)

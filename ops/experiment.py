@@ -150,18 +150,23 @@ def prepare_corpus(task: TaskSpec, out: Path) -> Path:
     """The task's shards: given, or synthesized and built under OUT/corpus/<task> once."""
     if "shards" in task.corpus:
         return Path(task.corpus["shards"])
+    return synthetic_shards(task.corpus["synth"], out / "corpus" / task.name, out / "shards" / task.name,
+                            n=int(task.corpus.get("count", 600)), seed=int(task.corpus.get("seed", 0)),
+                            log="experiment")
+
+
+def synthetic_shards(kind: str, corpus: Path, shards: Path, *, n: int, seed: int, log: str) -> Path:
+    """Synthesize corpus `kind` into `corpus` and build it into `shards`, each stage skipped when its output
+    exists (an interrupted demo or grid resumes); returns the shard directory."""
     from shards.build import build_shards
     from shards.synth_tasks import write_task_corpus
 
-    corpus, shards = out / "corpus" / task.name, out / "shards" / task.name
     manifest = corpus / "manifest.jsonl"
     if not manifest.is_file():
-        print(f"[experiment] synthesizing the {task.corpus['synth']} corpus ({task.corpus.get('count', 600)} "
-              f"samples) into {corpus}", flush=True)
-        write_task_corpus(task.corpus["synth"], corpus, n=int(task.corpus.get("count", 600)),
-                          seed=int(task.corpus.get("seed", 0)))
+        print(f"[{log}] synthesizing the {kind} corpus ({n} samples) into {corpus}", flush=True)
+        write_task_corpus(kind, corpus, n=n, seed=seed)
     if not (shards / "dataset.json").is_file():
-        print(f"[experiment] building shards into {shards}", flush=True)
+        print(f"[{log}] building shards into {shards}", flush=True)
         build_shards(manifest, out=shards)
     return shards
 
@@ -171,7 +176,7 @@ def _resolve(layers: list[dict], where: str) -> RunConfig:
 
     merged: dict = {}
     for layer in layers:
-        merged = _merge(merged, layer) if merged else dict(layer)
+        merged = _merge(merged, layer)
     try:
         return resolve_config(cli=merged)
     except (ValueError, TypeError) as err:
