@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from .cotrain import TEACHER
-from .tasks import TaskConfig, masked_mean as _masked_mean, task_loss
+from .tasks import TaskConfig, masked_mean as _masked_mean, sample_error, task_loss
 
-GATES = ("none", "teacher_correct")
+GATES = ("none", "teacher_correct", "teacher_better")
+GUARDS = ("none", "val")
 DISTANCES = ("l2", "l1")
 
-__all__ = ["GATES", "TransferConfig", "task_loss", "decision_transfer", "regression_transfer",
+__all__ = ["GATES", "GUARDS", "TransferConfig", "task_loss", "decision_transfer", "regression_transfer",
            "multilabel_transfer", "feature_transfer", "attention_transfer", "cotrain_losses", "total_loss"]
 
 
@@ -44,9 +45,20 @@ class TransferConfig:
     warmup_fraction: float = 0.3
     """Fraction of training over which alpha then ramps linearly from 0 to its full value."""
     gate: str = "teacher_correct"
-    """Which samples transfer: 'none' (all, as in the paper) or 'teacher_correct' (only where the teacher's
+    """Which samples transfer: 'none' (all, as in the paper); 'teacher_correct' (only where the teacher's
     prediction is the true label, so a wrong teacher never pulls a student away from the label; for
-    multi-label, where every label is right; regression has no such gate and transfers on all samples)."""
+    multi-label, where every label is right; regression has no such gate and transfers on all samples);
+    'teacher_better' (per student: where the teacher is right, as above, and its own error on the sample, by
+    model.tasks.sample_error, is below the student's; for regression, where the teacher is closer to the
+    label than the student)."""
+    guard: str = "val"
+    """'val': after every validation, a student whose validation error is not at least guard_margin (a
+    fraction) above the teacher's gets no transfer until a later validation says otherwise, because transfer
+    from a teacher that is not clearly stronger than its student makes the student worse. 'none': always
+    transfer (the paper). Transfer runs until the first validation; without a val split the guard is off."""
+    guard_margin: float = 0.1
+    """Relative lead the guard asks of the teacher: teacher error <= (1 - margin) * student error, where the
+    error is the metric itself when lower is better (MAE) and 1 - metric otherwise (accuracy, macro-F1)."""
     regression_distance: str = "l2"
     """Decision-level distance for regression: l2 (squared error) or l1 between teacher and student outputs."""
     feature: float = 0.0
@@ -65,6 +77,10 @@ class TransferConfig:
             raise ValueError(f"transfer.warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
         if self.gate not in GATES:
             raise ValueError(f"transfer.gate must be one of {', '.join(GATES)}, got {self.gate!r}")
+        if self.guard not in GUARDS:
+            raise ValueError(f"transfer.guard must be one of {', '.join(GUARDS)}, got {self.guard!r}")
+        if not 0 <= self.guard_margin < 1:
+            raise ValueError(f"transfer.guard_margin must be in [0, 1), got {self.guard_margin}")
         if self.regression_distance not in DISTANCES:
             raise ValueError(f"transfer.regression_distance must be one of {', '.join(DISTANCES)}, "
                              f"got {self.regression_distance!r}")
@@ -148,12 +164,14 @@ def attention_transfer(student: torch.Tensor, teacher: torch.Tensor, present: to
 def cotrain_losses(logits: dict[str, torch.Tensor], labels: torch.Tensor, present: dict[str, torch.Tensor],
                    transfer: TransferConfig, transfer_scale: float | None = None,
                    stream_label_smoothing: float = 0.0, *, task: TaskConfig | None = None,
-                   extras: dict | None = None, ramp: float = 1.0) -> dict[str, torch.Tensor]:
+                   extras: dict | None = None, ramp: float = 1.0,
+                   muted: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """Named loss terms: `<branch>_task_loss` for every branch, `<m>_stream_loss` per teacher stream, and per
     student `<m>_transfer_loss` (decision), `<m>_feature_transfer_loss`, `<m>_attention_transfer_loss`.
 
     The decision term is weighted by `transfer_scale` (default alpha); the feature and attention terms by their
     weights times `ramp` (the transfer schedule at this step). `extras` is the model's forward(extras=True) output.
+    Students in `muted` (switched off by the validation guard) get no transfer terms.
     """
     task = task or TaskConfig()
     any_present = torch.stack(list(present.values())).any(dim=0)
@@ -168,11 +186,13 @@ def cotrain_losses(logits: dict[str, torch.Tensor], labels: torch.Tensor, presen
         terms[f"{branch}_task_loss"] = task_loss(branch_logits, labels, mask, task)
     if TEACHER not in logits:
         return terms
-    students = [b for b in logits if TEACHER not in b]
+    students = [b for b in logits if TEACHER not in b and b not in muted]
     scale = transfer.alpha if transfer_scale is None else transfer_scale
     trusted = _trusted(logits[TEACHER], labels, transfer.gate, task.type) if students else None
     for branch in students:
         mask = present[branch] & trusted
+        if transfer.gate == "teacher_better":
+            mask = mask & _teacher_closer(logits[branch], logits[TEACHER], labels, task.type)
         if scale > 0:
             terms[f"{branch}_transfer_loss"] = scale * _decision(logits[branch], logits[TEACHER], transfer, task,
                                                                  mask)
@@ -213,11 +233,16 @@ def _auxiliary_transfer(branch: str, extras: dict | None, transfer: TransferConf
 def _trusted(teacher: torch.Tensor, labels: torch.Tensor, gate: str, task: str = "class") -> torch.Tensor:
     """(B,) samples whose teacher output may be transferred under `gate`."""
     everyone = torch.ones(teacher.shape[0], dtype=torch.bool, device=teacher.device)
-    if gate != "teacher_correct" or task == "regression":
+    if gate == "none" or task == "regression":
         return everyone
     if task == "multilabel":
         return ((teacher.detach() > 0) == (labels > 0.5)).all(dim=-1)
     return teacher.detach().argmax(dim=-1) == labels
+
+
+def _teacher_closer(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """(B,) samples where the teacher's own error is below the student's."""
+    return sample_error(teacher, labels, task) < sample_error(student, labels, task)
 
 
 def total_loss(terms: dict[str, torch.Tensor]) -> torch.Tensor:

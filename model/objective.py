@@ -14,12 +14,12 @@ __all__ = ["step_loss"]
 
 
 def step_loss(model, batch, *, transfer: TransferConfig, task: TaskConfig, progress: float,
-              stream_label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              stream_label_smoothing: float = 0.0, muted: frozenset[str] = frozenset()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(loss, named terms) for one batch at `progress` (0..1 of training).
 
     `model` is the CoTrainModel or a wrapper that forwards its arguments (a DeepSpeed engine); `batch` has
     .inputs, .present, .labels and optionally .lengths. Outputs are cast to float32 before the losses (bf16
-    training). The loss is the sum of the terms whose key ends in `_loss`.
+    training). The loss is the sum of the terms whose key ends in `_loss`. Students in `muted` get no transfer.
     """
     lengths = getattr(batch, "lengths", None) or None
     ramp = transfer.ramp_at(progress)
@@ -31,5 +31,6 @@ def step_loss(model, batch, *, transfer: TransferConfig, task: TaskConfig, progr
         logits, extras = model(batch.inputs, batch.present, lengths), None
     logits = {b: v.float() for b, v in logits.items()}
     terms = cotrain_losses(logits, batch.labels, batch.present, transfer, transfer_scale=transfer.alpha * ramp,
-                           stream_label_smoothing=stream_label_smoothing, task=task, extras=extras, ramp=ramp)
+                           stream_label_smoothing=stream_label_smoothing, task=task, extras=extras, ramp=ramp,
+                           muted=muted)
     return total_loss(terms), terms

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .cotrain import TASKS
 
-__all__ = ["TaskConfig", "REGRESSION_LOSSES", "masked_mean", "task_loss", "ccc"]
+__all__ = ["TaskConfig", "REGRESSION_LOSSES", "masked_mean", "task_loss", "sample_error", "ccc"]
 
 REGRESSION_LOSSES = ("mse", "l1")
 
@@ -50,6 +50,17 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of (B,) values over the True samples of mask (0 when none)."""
     weights = mask.to(values.dtype)
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def sample_error(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """(B,) how far each sample's output is from its label, comparable across branches of one task:
+    cross-entropy (class), mean binary cross-entropy (multilabel), mean absolute error (regression)."""
+    logits = logits.detach()
+    if task == "class":
+        return F.cross_entropy(logits, labels, reduction="none")
+    if task == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(dim=-1)
+    return (logits - labels.to(logits.dtype).reshape(logits.shape)).abs().mean(dim=-1)
 
 
 def ccc(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -42,9 +42,15 @@ RUN_OPTIONS = {
     "alpha": (dict(type=float, help="Weight of the decision-level transfer term."), "transfer.alpha"),
     "temperature": (dict(type=float, help="Softmax temperature of the transfer term."), "transfer.temperature"),
     "shared-stages": (dict(type=int, help="Encoder stages shared with the teacher."), "shared_stages"),
-    "transfer-gate": (dict(type=click.Choice(["none", "teacher_correct"]),
-                           help="Transfer on every sample (none, the paper) or only where the teacher is right."),
+    "transfer-gate": (dict(type=click.Choice(["none", "teacher_correct", "teacher_better"]),
+                           help="Transfer on every sample (none, the paper), only where the teacher is right, or "
+                                "where it is right and its error is below the student's."),
                       "transfer.gate"),
+    "transfer-guard": (dict(type=click.Choice(["none", "val"]),
+                            help="val: no transfer to a student the teacher does not beat on validation by "
+                                 "--guard-margin; none: always (the paper)."), "transfer.guard"),
+    "guard-margin": (dict(type=float, help="The teacher's relative lead in validation error that the guard asks."),
+                     "transfer.guard_margin"),
     "transfer-start": (dict(type=float, help="Fraction of training with no transfer, before the warm-up ramp."),
                        "transfer.start_fraction"),
     "transfer-warmup": (dict(type=float, help="Fraction of training over which the transfer weight ramps up."),

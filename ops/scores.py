@@ -29,6 +29,11 @@ def is_better(task: str, new: dict, old: dict | None) -> bool:
     return new[name] > old[name] if larger else new[name] < old[name]
 
 
+def metric_error(task: str, value: float) -> float:
+    """The primary metric as an error (lower is better): MAE itself, 1 - accuracy or 1 - macro-F1."""
+    return 1.0 - value if PRIMARY[task][1] else value
+
+
 def _f1(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> torch.Tensor:
     return 2 * tp / (2 * tp + fp + fn).clamp(min=1)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from model.cotrain import ModalitySpec, build_model
+from model.cotrain import TEACHER, ModalitySpec, build_model
 from model.objective import step_loss
 from model.presets import modality_specs
 from pipeline.dali_loader import model_inputs
@@ -28,7 +28,7 @@ from .config import RunConfig, config_hash, deepspeed_config, save_config
 from .engine import build_engine, init_distributed, rank_info
 from .evaluate import BEST_DIR, MODEL_FILE, print_warning, score_branches, task_of
 from .metrics import TrainingMetrics, read_grad_norm, write_scrape_target
-from .scores import is_better, primary_metric
+from .scores import is_better, metric_error, primary_metric
 
 __all__ = ["train"]
 
@@ -169,7 +169,8 @@ class Trainer:
         """Forward, then backward and (at a group boundary) an optimizer step; None when skipped."""
         loss, terms = step_loss(self.engine, batch, transfer=self.cfg.transfer, task=self.cfg.task,
                                 progress=self.state.step / max(self.total_steps, 1),
-                                stream_label_smoothing=self.cfg.fusion.stream_label_smoothing)
+                                stream_label_smoothing=self.cfg.fusion.stream_label_smoothing,
+                                muted=frozenset(self.state.muted))
         bad, self._stop = self._agree(not bool(torch.isfinite(loss)))
         if bad:
             self._skip_bad_step()
@@ -290,14 +291,15 @@ class Trainer:
             self.eval_model.load_state_dict(state)
         return self.eval_model, state
 
-    def _validate(self, epoch: int, train_means: dict[str, float]) -> None:
-        """Score every branch on val; keep each branch's best weights by its own val accuracy."""
+    def _validate(self, epoch: int, train_means: dict[str, float]) -> dict[str, float] | None:
+        """Score every branch on val; keep each branch's best weights by its own val accuracy. Returns
+        {branch: primary metric} on rank 0, None elsewhere or when this epoch does not validate."""
         last = epoch + 1 == self.cfg.epochs
         if self.cfg.eval_every == 0 or ((epoch + 1) % self.cfg.eval_every and not last):
-            return
+            return None
         model, gathered = self._validation_model()
         if self.val_loader is None:
-            return
+            return None
         task = self.task
         scores = score_branches(model, self.val_loader, prepare=self._cast, task=task, size=self.task_size)
         scores = {b: {k: v for k, v in s.items() if k != "confusion"} for b, s in scores.items()}
@@ -314,6 +316,26 @@ class Trainer:
         self.state.history.append({"epoch": epoch + 1, "train": train_means, "metric": metric,
                                    "val": {b: s[metric] for b, s in scores.items()}})
         _log(0, f"  val {metric} " + "  ".join(f"{b} {s[metric]:.3f}" for b, s in scores.items()))
+        return self.state.history[-1]["val"]
+
+    def _guard(self, val: dict[str, float] | None) -> None:
+        """transfer.guard: after a validation, mute the students the teacher does not clearly beat (rank 0
+        decides, every rank follows, so the objective is the same everywhere)."""
+        transfer = self.cfg.transfer
+        if transfer.guard == "none" or self.cfg.mode != "cotrain":
+            return
+        decided = [None if val is None else muted_students(val, self.task, transfer.guard_margin)]
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.broadcast_object_list(decided, src=0)
+        if decided[0] is None or decided[0] == self.state.muted:
+            return
+        self.state.muted = decided[0]
+        if self.rank == 0:
+            self.state.history[-1]["transfer_muted"] = decided[0]
+            _log(0, "  transfer guard: " + (f"no transfer to {', '.join(decided[0])} (the teacher does not lead "
+                                            f"by {transfer.guard_margin:.0%} on val)" if decided[0]
+                                            else "transfer to every student"))
 
     def _report_validation(self) -> None:
         if self.rank != 0 or not self.state.best:
@@ -347,7 +369,7 @@ class Trainer:
                 if means is None:
                     _log(self.rank, f"SIGTERM: checkpoint saved; continue with `cotrain train --resume {self.out}`")
                     return False
-                self._validate(self.state.epoch, means)
+                self._guard(self._validate(self.state.epoch, means))
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
             self._save()
@@ -375,6 +397,16 @@ class LoopState:
     saved_at: int = -1
     best: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
+    muted: list = field(default_factory=list)
+    """Students the validation guard keeps from transfer, sorted (transfer.guard)."""
+
+
+def muted_students(val: dict[str, float], task: str, margin: float) -> list[str]:
+    """The students whose val error the teacher's is not at least `margin` (relative) below, sorted."""
+    if TEACHER not in val:
+        return []
+    teacher = metric_error(task, val[TEACHER])
+    return sorted(b for b, v in val.items() if b != TEACHER and teacher > (1 - margin) * metric_error(task, v))
 
 
 def train(cfg: RunConfig, *, resume: bool = False, allow_reshard: bool = False) -> Path:

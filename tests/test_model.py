@@ -117,6 +117,48 @@ def test_teacher_correct_gate_transfers_only_where_the_teacher_is_right():
     assert ungated.item() == pytest.approx(decision_transfer(student, teacher, 2.0, present["a"]).item())
 
 
+def test_teacher_better_gate_also_asks_the_teacher_to_beat_the_student_on_the_sample():
+    from model.tasks import TaskConfig
+
+    teacher = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0]])
+    student = torch.tensor([[0.5, 0.0], [6.0, 0.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 0, 0])  # teacher right and surer / right but less sure / wrong
+    present = {"a": torch.ones(3, dtype=torch.bool)}
+    logits = {"a": student, TEACHER: teacher}
+    gated = cotrain_losses(logits, labels, present, TransferConfig(gate="teacher_better"))["a_transfer_loss"]
+    assert gated.item() == pytest.approx(decision_transfer(student[:1], teacher[:1], 2.0, present["a"][:1]).item())
+
+    regression = TaskConfig(type="regression")
+    target = torch.tensor([1.0, 1.0, -1.0])
+    teacher, student = torch.tensor([[0.9], [0.0], [-3.0]]), torch.tensor([[0.0], [0.9], [0.0]])
+    terms = cotrain_losses({"a": student, TEACHER: teacher}, target, present,
+                           TransferConfig(gate="teacher_better"), task=regression)
+    assert terms["a_transfer_loss"].item() == pytest.approx(0.9 ** 2)  # the first sample only
+    everyone = cotrain_losses({"a": student, TEACHER: teacher}, target, present,
+                              TransferConfig(gate="teacher_correct"), task=regression)["a_transfer_loss"]
+    assert everyone.item() == pytest.approx((0.9 ** 2 + 0.9 ** 2 + 3.0 ** 2) / 3)  # no gate for regression
+
+
+def test_muted_students_get_no_transfer_terms_but_keep_their_task_loss():
+    logits = {"a": torch.randn(4, 3), "b": torch.randn(4, 3), TEACHER: torch.randn(4, 3)}
+    present = {m: torch.ones(4, dtype=torch.bool) for m in ("a", "b")}
+    transfer = TransferConfig(gate="none", feature=0.0)
+    terms = cotrain_losses(logits, torch.tensor([0, 1, 2, 0]), present, transfer, muted=frozenset({"a"}))
+    assert "a_transfer_loss" not in terms and "b_transfer_loss" in terms and "a_task_loss" in terms
+
+
+def test_the_guard_mutes_students_the_teacher_does_not_clearly_lead():
+    from ops.train import muted_students
+
+    val = {"rgb": 0.70, "depth": 0.87, TEACHER: 0.88}  # errors 0.30, 0.13 against the teacher's 0.12
+    assert muted_students(val, "class", 0.1) == ["depth"]  # 0.12 > 0.9 * 0.13
+    assert muted_students(val, "class", 0.0) == []
+    assert muted_students({"text": 0.91, "rgb": 1.58, TEACHER: 0.97}, "regression", 0.1) == ["text"]
+    assert muted_students({"rgb": 0.5}, "class", 0.1) == []  # no teacher (unimodal run)
+    with pytest.raises(ValueError, match="transfer.guard_margin"):
+        TransferConfig(guard_margin=1.0)
+
+
 def test_modality_dropout_hides_modalities_but_keeps_one_per_sample():
     from model.cotrain import FusionConfig, MultimodalBranch
 

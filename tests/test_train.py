@@ -48,6 +48,22 @@ def test_one_epoch_in_each_mode_then_eval_writes_json(tiny_shards, tmp_path, mod
         assert (run / "plots" / f"confusion-test-{branch}.png").stat().st_size > 1000
 
 
+def test_the_validation_guard_stops_transfer_to_a_student_the_teacher_does_not_lead(tiny_shards, tmp_path):
+    run = tmp_path / "guarded"  # a margin of 0.99 asks the teacher for 1% of the student's error: never met
+    _train(tiny_shards, run, "--epochs", "2", "--transfer-start", "0", "--transfer-warmup", "0",
+           "--transfer-gate", "none", "--guard-margin", "0.99")
+    history = json.loads((run / "history.json").read_text())
+    assert "rgb_transfer_loss" in history[0]["train"]  # before the first validation every student transfers
+    assert history[0]["transfer_muted"] == ["audio", "rgb", "text"]
+    assert not any(k.endswith("_transfer_loss") for k in history[1]["train"])
+
+    free = tmp_path / "unguarded"
+    _train(tiny_shards, free, "--epochs", "2", "--transfer-start", "0", "--transfer-gate", "none",
+           "--transfer-guard", "none", "--guard-margin", "0.99")
+    history = json.loads((free / "history.json").read_text())
+    assert "rgb_transfer_loss" in history[1]["train"] and "transfer_muted" not in history[0]
+
+
 def test_unimodal_mode_needs_exactly_one_modality(tiny_shards, tmp_path):
     result = CliRunner().invoke(main, ["train", "--shards", str(tiny_shards), "--out", str(tmp_path / "r"),
                                        "--mode", "unimodal"])
