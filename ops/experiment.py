@@ -336,8 +336,22 @@ def summarize(cells: list[Cell]) -> tuple[dict, dict]:
             "runs": {f"{c.entry} seed {c.seed}": str(c.run) for c in cells if c.task == task},
             "train_seconds": sum(_wall(run) for run in {c.run for c in cells if c.task == task}),
             "configs": {c.entry: _config_digest(c.cfg) for c in cells if c.task == task and c.seed == first.seed},
+            "muted": _muted_seeds([c for c in cells if c.task == task]),
         }
     return results, details
+
+
+def _muted_seeds(cells: list[Cell]) -> dict[str, dict[str, int]]:
+    """entry -> student -> in how many seeds the validation guard (transfer.guard) had muted it at the end."""
+    muted: dict[str, dict[str, int]] = {}
+    for cell in cells:
+        path = cell.run / "history.json"
+        history = json.loads(path.read_text()) if path.is_file() else []
+        decisions = [h["transfer_muted"] for h in history if "transfer_muted" in h]
+        for student in decisions[-1] if decisions else []:
+            counts = muted.setdefault(cell.entry, {})
+            counts[student] = counts.get(student, 0) + 1
+    return muted
 
 
 def _wall(run: Path) -> float:

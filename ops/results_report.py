@@ -45,17 +45,23 @@ def _baseline_section(task: str, results: dict, details: dict, plots: Path, link
     scale, val = _scale(metric), details["val"]
     lines = [f"### Trained alone against co-trained (default settings)\n",
              "| branch | alone, val | co-trained, val | alone, test | co-trained, test | difference, test | "
-             "teacher, test | verdict (test) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "teacher, test | verdict (test) | guard: no transfer at the end |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
     co, teacher = results["cotrain"], results["cotrain"].get(TEACHER)
+    muted = details.get("muted", {}).get("cotrain", {})
     for branch in _branches(co):
         alone = _baseline(results, branch)
         diff = "n/a" if not alone else f"{scale * (co[branch]['mean'] - alone['mean']):+.{1 if scale != 1 else 3}f}"
         lines.append(f"| {branch} | {_fmt(_baseline(val, branch), scale)} | {_fmt(val['cotrain'].get(branch), scale)} "
                      f"| {_fmt(alone, scale)} | {_fmt(co[branch], scale)} | {diff} | "
-                     f"{'' if branch == TEACHER else _fmt(teacher, scale)} | {verdict(alone, co[branch], larger)} |")
+                     f"{'' if branch == TEACHER else _fmt(teacher, scale)} | {verdict(alone, co[branch], larger)} | "
+                     f"{'' if branch == TEACHER else _seeds_of(muted.get(branch, 0), co[branch]['n'])} |")
     _plot_baselines(results, metric, plots / f"{task}-baselines.png")
     return lines + ["", f"![{task}: alone against co-trained]({link}/{task}-baselines.png)", ""]
+
+
+def _seeds_of(count: int, seeds: int) -> str:
+    return f"{count} of {seeds} seeds" if count else "never"
 
 
 def _ablation_names(results: dict) -> dict[str, list[str]]:

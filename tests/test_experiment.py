@@ -133,3 +133,20 @@ def test_quick_grid_of_the_shipped_spec_runs_every_cell(tmp_path):
 ])
 def test_verdict_weighs_the_difference_against_seed_noise(alone, cotrained, larger, expected):
     assert verdict(alone, cotrained, larger) == expected
+
+
+def test_details_count_the_seeds_whose_guard_muted_each_student(tmp_path):
+    from ops.experiment import Cell, _muted_seeds
+
+    def run(name, history):
+        path = tmp_path / name
+        path.mkdir()
+        (path / "history.json").write_text(json.dumps(history))
+        return path
+
+    muted_late = [{"epoch": 1, "transfer_muted": ["audio"]}, {"epoch": 2}, {"epoch": 3, "transfer_muted": ["text"]}]
+    unmuted_again = [{"epoch": 1, "transfer_muted": ["text"]}, {"epoch": 2, "transfer_muted": []}]
+    cells = [Cell("t", "cotrain", 0, None, run("a", muted_late)), Cell("t", "cotrain", 1, None, run("b", unmuted_again)),
+             Cell("t", "cotrain", 2, None, run("c", [{"epoch": 1}])),
+             Cell("t", "alpha/alpha=5", 0, None, run("d", muted_late))]
+    assert _muted_seeds(cells) == {"cotrain": {"text": 1}, "alpha/alpha=5": {"text": 1}}
