@@ -60,7 +60,7 @@ TASKS = ("demo", "gesture", "emotion", "sentiment")
 P_MISLEAD = {
     "gesture": {"rgb": 0.15, "depth": 0.1},
     "emotion": {"rgb": 0.15, "audio": 0.2},
-    "sentiment": {"rgb": 0.2, "audio": 0.2, "text": 0.1},
+    "sentiment": {"rgb": 0.1, "audio": 0.2, "text": 0.1},
 }
 GESTURES = ("swipe_right", "swipe_up", "swipe_left", "swipe_down", "push", "pull")
 EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "surprised")
@@ -93,6 +93,9 @@ SENTIMENT_WORDS = {  # (sign, strength) -> synonyms
 SPOKEN_FILLERS = ("um", "uh", "like", "you", "know", "i", "mean", "so", "well", "it", "was")
 VIDEO_NOISE = 0.15
 DEPTH_NOISE = 0.08
+SENTIMENT_MOUTH_BEND = 8.0
+SENTIMENT_SLOPE = 0.4
+SENTIMENT_PITCH_SPAN = 6.0
 MEDIA_FOLDERS = {"gesture": ("video", "depth"), "emotion": ("video", "audio"), "sentiment": ("video", "audio")}
 
 
@@ -182,7 +185,7 @@ def _render_sentiment(rng: np.random.Generator, out: Path, key: str) -> tuple[di
     shown = {name: _shown_score(rng, label, p) for name, p in P_MISLEAD["sentiment"].items()}
     curve = float(np.clip(shown["rgb"] / 1.5, -1, 1))
     face = FaceExpression(curve, rng.uniform(0, 0.5), rng.uniform(-0.5, 0.5), rng.uniform(0.3, 0.7))
-    write_mp4(out / "video" / f"{key}.mp4", render_face(rng, face, noise=VIDEO_NOISE))
+    write_mp4(out / "video" / f"{key}.mp4", render_face(rng, face, noise=VIDEO_NOISE, mouth_bend=SENTIMENT_MOUTH_BEND))
     _write_wav(out / "audio" / f"{key}.wav", _sentiment_voice(rng, shown["audio"]))
     record = {"label": label, "rgb": f"video/{key}.mp4", "audio": f"audio/{key}.wav",
               "text": render_sentiment_text(rng, shown["text"])}
@@ -203,8 +206,8 @@ def _sentiment_voice(rng: np.random.Generator, score: float) -> np.ndarray:
     """Arousal = |score| sets energy, pitch and rate; the pitch slope follows the sign, noisily (wrong for
     about 1 in 5 scores near 0, rarely for strong ones)."""
     arousal = abs(score) / 3
-    samples = render_speech(rng, pitch=(110 + 90 * arousal) * rng.uniform(0.85, 1.2),
-                            slope=0.4 * np.sign(score) * (0.3 + 0.7 * arousal) + rng.normal(0, 0.15),
+    samples = render_speech(rng, pitch=140 * 2 ** (score / SENTIMENT_PITCH_SPAN) * rng.uniform(0.8, 1.25),
+                            slope=SENTIMENT_SLOPE * np.sign(score) * (0.3 + 0.7 * arousal) + rng.normal(0, 0.15),
                             rate=(2.5 + 3.5 * arousal) * rng.uniform(0.85, 1.15),
                             energy=(0.05 + 0.15 * arousal) * rng.uniform(0.85, 1.15), jitter=0.02,
                             snr_db=rng.uniform(5, 15))
@@ -213,7 +216,7 @@ def _sentiment_voice(rng: np.random.Generator, score: float) -> np.ndarray:
 
 def render_sentiment_text(rng: np.random.Generator, score: float) -> str:
     """2-6 spoken fillers with one sentiment word of strength round(|score|), or a negated opposite."""
-    words = list(rng.choice(SPOKEN_FILLERS + tuple(FILLER_WORDS[:12]), size=int(rng.integers(2, 7))))
+    words = list(rng.choice(SPOKEN_FILLERS + tuple(FILLER_WORDS[:12]), size=int(rng.integers(1, 4))))
     strength, sign = min(int(round(abs(score))), 3), 1 if score >= 0 else -1
     if strength == 0:
         return " ".join(words)
