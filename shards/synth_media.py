@@ -33,12 +33,13 @@ class FaceExpression(tuple):
 NEUTRAL_FACE = FaceExpression(0.0, 0.1, 0.0, 0.5)
 
 
-def render_face(rng: np.random.Generator, target: FaceExpression, *, noise: float,
-                mouth_bend: float = 2.5) -> np.ndarray:
+def render_face(rng: np.random.Generator, target: FaceExpression, *, noise: float, mouth_bend: float = 2.5,
+                latest_onset: float = 0.5) -> np.ndarray:
     """(frames, H, W, 3) uint8: a face that starts neutral and moves to `target` from a random onset,
     at a random position and tint, in Gaussian pixel noise of std `noise`. `mouth_bend`: pixels the mouth's
-    corners rise above (curvature +1) or drop below (-1) its centre; the default is emotion's."""
-    onset = rng.uniform(0, VIDEO_FRAMES / 2)
+    corners rise above (curvature +1) or drop below (-1) its centre; `latest_onset`: the latest onset as a
+    fraction of the clip. The defaults are emotion's."""
+    onset = rng.uniform(0, VIDEO_FRAMES * latest_onset)
     ramp = np.clip((np.arange(VIDEO_FRAMES) - onset) / rng.uniform(2, 5), 0.0, 1.0)  # 0 neutral .. 1 target
     centre = rng.uniform(20, 28, size=2)
     drift = rng.normal(0, 0.15, size=2)
