@@ -33,10 +33,13 @@ class FaceExpression(tuple):
 NEUTRAL_FACE = FaceExpression(0.0, 0.1, 0.0, 0.5)
 
 
-def render_face(rng: np.random.Generator, target: FaceExpression, *, noise: float) -> np.ndarray:
+def render_face(rng: np.random.Generator, target: FaceExpression, *, noise: float, mouth_bend: float = 2.5,
+                latest_onset: float = 0.5) -> np.ndarray:
     """(frames, H, W, 3) uint8: a face that starts neutral and moves to `target` from a random onset,
-    at a random position and tint, in Gaussian pixel noise of std `noise`."""
-    onset = rng.uniform(0, VIDEO_FRAMES / 2)
+    at a random position and tint, in Gaussian pixel noise of std `noise`. `mouth_bend`: pixels the mouth's
+    corners rise above (curvature +1) or drop below (-1) its centre; `latest_onset`: the latest onset as a
+    fraction of the clip. The defaults are emotion's."""
+    onset = rng.uniform(0, VIDEO_FRAMES * latest_onset)
     ramp = np.clip((np.arange(VIDEO_FRAMES) - onset) / rng.uniform(2, 5), 0.0, 1.0)  # 0 neutral .. 1 target
     centre = rng.uniform(20, 28, size=2)
     drift = rng.normal(0, 0.15, size=2)
@@ -44,14 +47,14 @@ def render_face(rng: np.random.Generator, target: FaceExpression, *, noise: floa
     frames = []
     for t, amount in enumerate(ramp):
         expression = np.asarray(NEUTRAL_FACE) + amount * (np.asarray(target) - np.asarray(NEUTRAL_FACE))
-        face, features = _face_layers(centre + drift * t, expression)
+        face, features = _face_layers(centre + drift * t, expression, mouth_bend)
         frame = background + face[..., None] * (skin - background) - features[..., None] * skin * 0.9
         frames.append(frame)
     frames = np.stack(frames) + rng.normal(0.0, noise, size=(VIDEO_FRAMES, VIDEO_SIZE, VIDEO_SIZE, 3))
     return (np.clip(frames, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def _face_layers(centre: np.ndarray, expression: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _face_layers(centre: np.ndarray, expression: np.ndarray, mouth_bend: float) -> tuple[np.ndarray, np.ndarray]:
     """(H, W) face mask and (H, W) dark features (eyes, brows, mouth), both in [0, 1]."""
     curve, mouth_open, brow, eyes = expression
     cx, cy = centre
@@ -65,7 +68,7 @@ def _face_layers(centre: np.ndarray, expression: np.ndarray) -> tuple[np.ndarray
         on_brow = np.abs(x - (cx + 6 * side)) < 3.5
         features = np.maximum(features, on_brow * np.exp(-((y - brow_y) ** 2) / 0.8))
     u = np.clip((x - cx) / 6, -1.5, 1.5)
-    mouth_y = cy + 8 - 2.5 * curve * (u ** 2 - 0.5)  # corners above the centre when smiling
+    mouth_y = cy + 8 - mouth_bend * curve * (u ** 2 - 0.5)  # corners above the centre when smiling
     thickness = 0.6 + 2.0 * mouth_open
     on_mouth = np.abs(x - cx) < 6
     features = np.maximum(features, on_mouth * np.exp(-((y - mouth_y) ** 2) / (2 * thickness ** 2)))

@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from shards.build import build_shards
 from shards.cli import shards_group
 from shards.manifest import read_manifest
-from shards.synth_media import render_face
-from shards.synth_tasks import (CONFUSED, FACES, P_MISLEAD, _gesture_depth, _gesture_rgb, render_sentiment_text,
-                                write_task_corpus)
+from shards.synth_media import FaceExpression, render_face
+from shards.synth_tasks import (CONFUSED, FACES, P_MISLEAD, SENTIMENT_MOUTH_BEND, _gesture_depth, _gesture_rgb,
+                                _sentiment_voice, render_sentiment_text, write_task_corpus)
 
 SAMPLES = 14  # 10 train / 2 val / 2 test
 
@@ -148,6 +148,40 @@ def test_emotion_faces_differ_by_class_except_the_confused_pair():
 
     assert np.array_equal(last_frame("fearful", 3), last_frame("surprised", 3))
     assert not np.array_equal(last_frame("happy", 3), last_frame("sad", 3))
+
+
+def _median_pitch(samples: np.ndarray, rate: int = 16000) -> float:
+    """Median over 50 ms frames of the autocorrelation peak's frequency in 60-400 Hz."""
+    estimates = []
+    for start in range(0, len(samples) - 800, 800):
+        frame = samples[start:start + 800].astype(float)
+        frame -= frame.mean()
+        corr = np.correlate(frame, frame, mode="full")[len(frame) - 1:]
+        lag = np.argmax(corr[rate // 400:rate // 60]) + rate // 400
+        estimates.append(rate / lag)
+    return float(np.median(estimates))
+
+
+def test_sentiment_voice_pitch_follows_the_signed_score():
+    """The voice carries the sign, not only |score|: for each of 6 speakers (a seed fixes the speaker), +3 is
+    pitched about an octave above -3 (an arousal-only voice pitches them alike), and 0 lies between."""
+    pitch = {score: np.array([_median_pitch(_sentiment_voice(np.random.default_rng(seed), score))
+                              for seed in range(6)]) for score in (-3.0, 0.0, 3.0)}
+    assert np.all(pitch[3.0] > 1.4 * pitch[-3.0])
+    assert np.median(pitch[-3.0]) < np.median(pitch[0.0]) < np.median(pitch[3.0])
+
+
+def test_sentiment_face_bends_the_mouth_more_than_emotions_face():
+    """Same seed and face, smile minus frown: sentiment's bend moves more pixels than emotion's default,
+    and the default draws emotion's faces unchanged (same pixels as without the argument)."""
+    def last_frame(curve, **kwargs):
+        face = FaceExpression(curve, 0.3, 0.0, 0.5)
+        return render_face(np.random.default_rng(4), face, noise=0.0, **kwargs)[-1].astype(float)
+
+    change = {bend: np.abs(last_frame(1.0, mouth_bend=bend) - last_frame(-1.0, mouth_bend=bend)).sum()
+              for bend in (2.5, SENTIMENT_MOUTH_BEND)}
+    assert change[SENTIMENT_MOUTH_BEND] > 1.5 * change[2.5] > 0
+    assert np.array_equal(last_frame(1.0), last_frame(1.0, mouth_bend=2.5, latest_onset=0.5))
 
 
 def test_sentiment_text_grades_strength_and_negates():
