@@ -97,6 +97,10 @@ class FusionConfig:
     cross_layers: int = 0
     """Cross-attention blocks before the self-attention ones: each modality's tokens attend to the tokens of
     the other present modalities (the authors' earlier fusion). 0 = none."""
+    student_shared_grad: float = 1.0
+    """Scale of the gradient the students' losses send into the shared stages: 1 = both paths train them (the
+    paper), 0 = the teacher alone shapes them and each student adapts its own stages to them. Measured in
+    docs/results.md (emotion, where sharing cost the teacher accuracy)."""
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -107,6 +111,8 @@ class FusionConfig:
             raise ValueError(f"fusion.cross_layers must be >= 0, got {self.cross_layers}")
         if not 0 <= self.modality_dropout < 1:
             raise ValueError(f"fusion.modality_dropout must be in [0, 1), got {self.modality_dropout}")
+        if not 0 <= self.student_shared_grad <= 1:
+            raise ValueError(f"fusion.student_shared_grad must be in [0, 1], got {self.student_shared_grad}")
 
 
 def _split(encoder: StagedEncoder, shared_stages: int) -> tuple[Stages, Stages]:
@@ -380,6 +386,7 @@ class CoTrainModel(nn.Module):
                              "comma-separated subset of --modalities")
         fusion = fusion or FusionConfig()
         self.mode, self.kinds, self.task = mode, {s.name: s.kind for s in specs}, task
+        self.student_shared_grad = fusion.student_shared_grad
         self.students_of = [] if mode == "multimodal" else [m for m in names if m in (students or names)]
         if mode == "unimodal" and len(specs) != 1:
             raise ValueError(f"mode 'unimodal' trains one modality; got {names}")
@@ -441,14 +448,15 @@ class CoTrainModel(nn.Module):
         attention-level transfer terms compare (teacher entries keyed 'multimodal/<m>' for attention)."""
         valid = self.valid_masks({m: inputs[m] for m in self.shared}, lengths)
         shared = {m: self.shared[m](inputs[m], valid[m]) for m in self.shared}
+        seen = {m: _scale_grad(shared[m], self.student_shared_grad) for m in self.students}  # the students' view
         if not extras:
-            logits = {m: branch(shared[m], valid[m]) for m, branch in self.students.items()}
+            logits = {m: branch(seen[m], valid[m]) for m, branch in self.students.items()}
             if self.teacher is not None:
                 logits.update(self.teacher(shared, valid, present))
             return logits
         logits, found = {}, {"feature": {}, "attention": {}}
         for m, branch in self.students.items():
-            pooled, attention = branch.encode(shared[m], valid[m], want_attention=True)
+            pooled, attention = branch.encode(seen[m], valid[m], want_attention=True)
             logits[m] = branch.head(pooled)
             if self.feature_proj is not None:
                 found["feature"][m] = self.feature_proj[m](pooled)
@@ -460,6 +468,11 @@ class CoTrainModel(nn.Module):
             found["feature"][TEACHER] = teacher_extras["feature"]
             found["attention"].update({f"{TEACHER}/{m}": a for m, a in teacher_extras["attention"].items()})
         return logits, found
+
+
+def _scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x itself in the forward pass; its gradient times `scale` in the backward pass."""
+    return x if scale == 1 else x * scale + x.detach() * (1 - scale)
 
 
 def encoder_width(spec: ModalitySpec) -> int:

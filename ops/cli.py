@@ -66,6 +66,9 @@ RUN_OPTIONS = {
                          "fusion.stream_label_smoothing"),
     "modality-dropout": (dict(type=float, help="Probability of hiding each modality from the teacher per sample."),
                          "fusion.modality_dropout"),
+    "student-shared-grad": (dict(type=float, help="Scale of the students' gradient into the shared stages "
+                                                  "(1: both paths train them; 0: the teacher alone)."),
+                            "fusion.student_shared_grad"),
     "students": (dict(help="Comma-separated modalities that get a unimodal branch (default: all); the others "
                            "feed only the teacher."), "students"),
     "feature-weight": (dict(type=float, help="Weight of feature-level transfer (0 = off)."), "transfer.feature"),

@@ -94,6 +94,26 @@ def test_each_transfer_term_gives_the_teacher_no_gradient_and_reaches_shared_sta
         assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in model.shared[m].parameters())
 
 
+def test_student_shared_grad_scales_what_the_students_send_into_the_shared_stages():
+    from model.cotrain import FusionConfig
+
+    def shared_grad(scale):
+        torch.manual_seed(0)
+        model = CoTrainModel(SPECS, 3, fusion=FusionConfig(student_shared_grad=scale))
+        logits = model(_batch(None).inputs, _batch(None).present)
+        sum(logits[m].square().sum() for m in ("words", "au")).backward()  # the students' paths only
+        return torch.cat([p.grad.flatten() for p in model.shared["au"].parameters()]), logits["au"].detach()
+
+    full, out_full = shared_grad(1.0)
+    half, out_half = shared_grad(0.5)
+    none, out_none = shared_grad(0.0)
+    assert torch.count_nonzero(full) > 0 and torch.allclose(half, 0.5 * full, atol=1e-7)
+    assert torch.count_nonzero(none) == 0
+    assert torch.equal(out_full, out_half) and torch.equal(out_full, out_none)  # the forward pass is unchanged
+    with pytest.raises(ValueError, match="student_shared_grad"):
+        FusionConfig(student_shared_grad=2.0)
+
+
 def test_step_loss_is_cotrain_losses_of_forward_when_only_decision_transfer():
     torch.manual_seed(0)
     model = CoTrainModel(SPECS, 3)
