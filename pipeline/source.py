@@ -7,6 +7,7 @@ import io
 import json
 import os
 import tarfile
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -188,10 +189,21 @@ def check_sample(sample: RawSample, modalities: dict[str, dict]) -> None:
                                               f"{4 * int(spec['max_tokens'])} (max_tokens int32 ids)")
         if suffix == "npy":
             try:
-                array = np.load(io.BytesIO(data), allow_pickle=False)
+                array = read_npy(data)
             except ValueError as error:
                 raise CorruptSample("bad_member", f"{where} is not a readable npy file ({error})") from None
             _check_array(array, spec, where)
+
+
+_NPY_HEADER_LOCK = threading.Lock()
+
+
+def read_npy(data: bytes) -> np.ndarray:
+    """An .npy member's array. np.load parses the header with ast.literal_eval, and CPython 3.11's AST
+    constructor is not thread-safe (python/cpython#106905: "SystemError: AST constructor recursion depth
+    mismatch", which stopped a 54-run grid here): the reader's threads take turns."""
+    with _NPY_HEADER_LOCK:
+        return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def _check_array(array: np.ndarray, spec: dict, where: str) -> None:

@@ -17,7 +17,7 @@ from .decode import DecodeError, audio_analysis, audio_features, decode_audio, d
 from .loader import BaseLoader, EpochPlan
 from .samples import RateLimitedLog, SampleChoices, choose, encode_labels, feature_length, model_frames, \
     read_or_replace
-from .source import CorruptSample, RawSample, SampleReader
+from .source import CorruptSample, RawSample, SampleReader, read_npy
 
 __all__ = ["WdsLoader", "decode_sample", "empty_input"]
 
@@ -51,23 +51,17 @@ def _decode_member(data: bytes, name: str, spec: dict, choices: SampleChoices, c
         return normalize_video(frames, start=choices.start[name], count=model_frames(spec, cfg),
                                flip=choices.flip[name])
     if kind == "depth":
-        depth = np.load(_bytes_file(data), allow_pickle=False)
+        depth = read_npy(data)
         return normalize_depth(depth, max_value=spec.get("max_value", np.iinfo(depth.dtype).max),
                                start=choices.start[name], count=model_frames(spec, cfg), flip=choices.flip[name])
     if kind == "audio":
         return audio_features(decode_audio(data, sample_rate=int(spec["sample_rate"])), int(spec["sample_rate"]), cfg)
     if kind == "text":
         return torch.from_numpy(np.frombuffer(data, "<i4").astype(np.int32))
-    features = np.load(_bytes_file(data), allow_pickle=False)[: int(spec["max_frames"])]
+    features = read_npy(data)[: int(spec["max_frames"])]
     out = torch.zeros(int(spec["max_frames"]), int(spec["dim"]))
     out[: len(features)] = torch.from_numpy(features.astype(np.float32))
     return out
-
-
-def _bytes_file(data: bytes):
-    import io
-
-    return io.BytesIO(data)
 
 
 def decode_sample(sample: RawSample, choices: SampleChoices, modalities: dict[str, dict],

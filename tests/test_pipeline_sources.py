@@ -161,3 +161,24 @@ def test_a_clip_that_does_not_decode_is_skipped(garbled_video, backend):
                          training=True, backend=backend)
     with pytest.raises((RuntimeError, CorruptSample)):
         list(strict.epoch())
+
+
+def test_npy_members_read_from_many_threads_come_back_intact():
+    """The reader parses .npy headers from a thread pool; CPython 3.11's AST constructor is not thread-safe
+    (python/cpython#106905), which once stopped a grid with a SystemError, so read_npy serialises the parse."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from pipeline.source import read_npy
+
+    arrays = [(np.arange(12) + i).astype(np.uint8).reshape(3, 4) for i in range(400)]
+    blobs = []
+    for array in arrays:
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        blobs.append(buffer.getvalue())
+    with ThreadPoolExecutor(8) as pool:
+        back = list(pool.map(read_npy, blobs))
+    assert all(np.array_equal(a, b) and b.dtype == np.uint8 for a, b in zip(arrays, back))
