@@ -103,12 +103,7 @@ class TransferConfig:
     def scale_at(self, progress: float) -> float:
         """alpha times the schedule at `progress` in [0, 1] of training: 0 until start_fraction, then a
         linear ramp over warmup_fraction, then alpha."""
-        ramped = progress - self.start_fraction
-        if ramped < 0:
-            return 0.0
-        if self.warmup_fraction == 0:
-            return self.alpha
-        return self.alpha * min(1.0, ramped / self.warmup_fraction)
+        return self.alpha * self.ramp_at(progress)
 
 
 def decision_transfer(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
