@@ -55,12 +55,19 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def sample_error(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
     """(B,) how far each sample's output is from its label, comparable across branches of one task:
     cross-entropy (class), mean binary cross-entropy (multilabel), mean absolute error (regression)."""
-    logits = logits.detach()
+    return _per_sample(logits.detach(), labels, task, smoothing=0.0, regression="l1")
+
+
+def _per_sample(logits: torch.Tensor, labels: torch.Tensor, task: str, smoothing: float,
+                regression: str) -> torch.Tensor:
+    """(B,) per-sample loss: cross-entropy (with label smoothing), mean binary cross-entropy, or the mean
+    squared ("mse") or absolute ("l1") error over the output dimensions."""
     if task == "class":
-        return F.cross_entropy(logits, labels, reduction="none")
+        return F.cross_entropy(logits, labels, reduction="none", label_smoothing=smoothing)
     if task == "multilabel":
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(dim=-1)
-    return (logits - labels.to(logits.dtype).reshape(logits.shape)).abs().mean(dim=-1)
+    diff = logits - labels.to(logits.dtype).reshape(logits.shape)
+    return (diff.abs() if regression == "l1" else diff ** 2).mean(dim=-1)
 
 
 def ccc(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -75,16 +82,10 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, present: torch.Tensor,
               label_smoothing: float | None = None) -> torch.Tensor:
     """The task loss of one branch, averaged over present samples. `label_smoothing` overrides the task's."""
     task = task or TaskConfig()
-    if task.type == "class":
-        smoothing = task.label_smoothing if label_smoothing is None else label_smoothing
-        return masked_mean(F.cross_entropy(logits, labels, reduction="none", label_smoothing=smoothing), present)
-    if task.type == "multilabel":
-        bce = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(dim=-1)
-        return masked_mean(bce, present)
-    target = labels.to(logits.dtype).reshape(logits.shape)
-    distance = (logits - target).abs() if task.regression_loss == "l1" else (logits - target) ** 2
-    loss = masked_mean(distance.mean(dim=-1), present)
-    if task.ccc_weight > 0 and int(present.sum()) > 1:
+    smoothing = task.label_smoothing if label_smoothing is None else label_smoothing
+    loss = masked_mean(_per_sample(logits, labels, task.type, smoothing, task.regression_loss), present)
+    if task.type == "regression" and task.ccc_weight > 0 and int(present.sum()) > 1:
+        target = labels.to(logits.dtype).reshape(logits.shape)
         loss = loss + task.ccc_weight * (1 - ccc(logits[present], target[present])).mean()
     return loss
 
