@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from shards.synth import (FILLER_WORDS, _moving_blob, _shown_class, _write_manifest, _write_wav, assign_splits,
+from shards.synth import (_moving_blob, _shown_class, _write_manifest, _write_wav, assign_splits,
                           write_synthetic_corpus)
 from shards.synth_media import FaceExpression, render_depth_hand, render_face, render_speech, write_mp4
 
@@ -95,7 +95,6 @@ SENTIMENT_WORDS = {  # (sign, strength) -> synonyms
     (1, 3): ("great", "excellent", "wonderful"), (-1, 1): ("meh", "mediocre", "dull"),
     (-1, 2): ("bad", "poor", "annoying"), (-1, 3): ("terrible", "awful", "horrible"),
 }
-SPOKEN_FILLERS = ("um", "uh", "like", "you", "know", "i", "mean", "so", "well", "it", "was")
 SENTIMENT_FILLERS = ("um", "uh", "so", "well")
 VIDEO_NOISE = 0.15
 DEPTH_NOISE = 0.08
