@@ -28,6 +28,7 @@ MODES = ("cotrain", "unimodal", "multimodal")
 TEACHER = "multimodal"
 TASKS = ("class", "regression", "multilabel")
 POOLINGS = ("mean", "cls")
+LATE_FUSION_WEIGHTS = ("equal", "learned")
 
 
 @dataclass
@@ -97,6 +98,12 @@ class FusionConfig:
     cross_layers: int = 0
     """Cross-attention blocks before the self-attention ones: each modality's tokens attend to the tokens of
     the other present modalities (the authors' earlier fusion). 0 = none."""
+    late_fusion_weights: str = "equal"
+    """How late fusion weighs the streams: 'equal' (a plain product of experts, or the plain mean for
+    regression) or 'learned': per sample, a linear gate on each stream's own (detached) pooled features
+    scores how far to trust that stream, and a softmax over the present streams turns the scores into
+    weights, trained by the teacher's task loss. Its gates start at zero, so it starts as 'equal'. Beyond the
+    paper; for regression, where a plain mean adds the weak streams' errors (docs/shards.md, sentiment)."""
     student_shared_grad: float = 1.0
     """Scale of the gradient the students' losses send into the shared stages: 1 = both paths train them (the
     paper), 0 = the teacher alone shapes them and each student adapts its own stages to them. Measured in
@@ -111,6 +118,9 @@ class FusionConfig:
             raise ValueError(f"fusion.cross_layers must be >= 0, got {self.cross_layers}")
         if not 0 <= self.modality_dropout < 1:
             raise ValueError(f"fusion.modality_dropout must be in [0, 1), got {self.modality_dropout}")
+        if self.late_fusion_weights not in LATE_FUSION_WEIGHTS:
+            raise ValueError(f"fusion.late_fusion_weights must be one of {', '.join(LATE_FUSION_WEIGHTS)}, "
+                             f"got {self.late_fusion_weights!r}")
         if not 0 <= self.student_shared_grad <= 1:
             raise ValueError(f"fusion.student_shared_grad must be in [0, 1], got {self.student_shared_grad}")
 
@@ -255,6 +265,8 @@ class MultimodalBranch(nn.Module):
         if self.cross is not None and cfg.cross_layers > 1:
             self.cross = nn.ModuleList([self.cross] + [_CrossAttention(self.order, cfg)
                                                        for _ in range(cfg.cross_layers - 1)])
+        self.stream_gates = nn.ModuleDict({m: _zero_linear(widths[m], 1) for m in self.order}) \
+            if cfg.late_fusion and cfg.late_fusion_weights == "learned" else None
 
     def _drop_modalities(self, present: dict) -> dict:
         """Hide each present modality with probability p, keeping at least one per sample."""
@@ -269,13 +281,17 @@ class MultimodalBranch(nn.Module):
             kept = kept | (rescue & lost[:, None])
         return {m: kept[:, i] for i, m in enumerate(names)}
 
-    def _stream(self, i: int, m: str, shared: torch.Tensor, valid: torch.Tensor | None):
-        """(B, L_m, D) embedded tokens of modality m, and its stream logits (or None)."""
+    def _stream(self, i: int, m: str, shared: torch.Tensor, valid: torch.Tensor | None, gates: dict):
+        """(B, L_m, D) embedded tokens of modality m, and its stream logits (or None); fills gates[m], the
+        stream's late-fusion gate score (B, 1), when the weights are learned."""
         tokens = tokens_of(self.rests[m](shared, valid))  # (B, L_m, C_m)
         length = tokens.shape[1]
         if self.pos_embed is not None and length > self.max_tokens:
             raise ValueError(f"modality {m!r} yields {length} tokens; raise fusion.max_tokens to at least {length}")
-        stream = self.stream_heads[m](masked_mean(tokens, valid)) if self.stream_heads is not None else None
+        pooled = masked_mean(tokens, valid)
+        stream = self.stream_heads[m](pooled) if self.stream_heads is not None else None
+        if self.stream_gates is not None:
+            gates[m] = self.stream_gates[m](pooled.detach())
         fused_in = tokens.detach() if self.detach_streams else tokens
         embedded = self.proj[m](fused_in)
         if self.modality_embed is not None:
@@ -295,9 +311,9 @@ class MultimodalBranch(nn.Module):
         attention over modality m's tokens (mean over heads and queries, renormalised over m's tokens)."""
         if self.training and self.modality_dropout > 0:
             present = self._drop_modalities(present)
-        tokens, keep, out = [], [], {}
+        tokens, keep, out, gates = [], [], {}, {}
         for i, m in enumerate(self.order):
-            t, stream = self._stream(i, m, shared[m], valid[m])
+            t, stream = self._stream(i, m, shared[m], valid[m], gates)
             if stream is not None:
                 out[f"{TEACHER}/{m}"] = stream
             k = present[m][:, None].expand(-1, t.shape[1])
@@ -321,7 +337,7 @@ class MultimodalBranch(nn.Module):
         pooled = self.norm(x[:, 0] if self.cls is not None else masked_mean(x, keep_all))
         out[TEACHER] = self.head(pooled)
         if self.late_fusion:
-            out[TEACHER] = out[TEACHER] + self._late_fusion(out, present)
+            out[TEACHER] = out[TEACHER] + self._late_fusion(out, present, gates)
         if extras is not None:
             extras["feature"] = pooled
             extras["attention"] = self._attention_per_modality(captured["input"], keep_all, lengths)
@@ -351,17 +367,32 @@ class MultimodalBranch(nn.Module):
             start += length
         return result
 
-    def _late_fusion(self, out: dict, present: dict) -> torch.Tensor:
+    def _late_fusion(self, out: dict, present: dict, gates: dict) -> torch.Tensor:
         """The streams' (detached) joint prediction: a product of experts for classes (sum of log-probs) and for
-        independent labels (sum of logits), the mean of the present streams for regression."""
-        streams = [(out[f"{TEACHER}/{m}"].detach(), present[m][:, None]) for m in self.order]
+        independent labels (sum of logits), the mean of the present streams for regression. With learned
+        gates each present stream is weighted by its gate's softmax share (times the number of present
+        streams for a product, so equal gates give the plain product)."""
+        preds = torch.stack([out[f"{TEACHER}/{m}"].detach() for m in self.order])  # (M, B, K)
         if self.task == "class":
-            return torch.stack([torch.log_softmax(s, dim=-1) * p for s, p in streams]).sum(dim=0)
-        if self.task == "multilabel":
-            return torch.stack([s * p for s, p in streams]).sum(dim=0)
-        total = torch.stack([s * p for s, p in streams]).sum(dim=0)
-        count = torch.stack([p.to(total.dtype) for _, p in streams]).sum(dim=0).clamp_min(1.0)
-        return total / count
+            preds = torch.log_softmax(preds, dim=-1)
+        mask = torch.stack([present[m] for m in self.order])[..., None].to(preds.dtype)  # (M, B, 1)
+        count = mask.sum(dim=0).clamp_min(1.0)
+        if not gates:
+            total = (preds * mask).sum(dim=0)
+            return total / count if self.task == "regression" else total
+        scores = torch.stack([gates[m] for m in self.order]).masked_fill(mask == 0, -1e9)
+        weights = torch.softmax(scores, dim=0) * mask  # (M, B, 1), summing to 1 over the present streams
+        if self.task != "regression":
+            weights = weights * count
+        return (preds * weights).sum(dim=0)
+
+
+def _zero_linear(width: int, out: int) -> nn.Linear:
+    """A linear layer that starts at zero output (a gate that starts neutral)."""
+    layer = nn.Linear(width, out)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
 class CoTrainModel(nn.Module):

@@ -60,6 +60,9 @@ RUN_OPTIONS = {
     "late-fusion/--no-late-fusion": (dict(default=None, help="Add the product of the teacher's stream "
                                                              "predictions to its Transformer output."),
                                      "fusion.late_fusion"),
+    "late-fusion-weights": (dict(type=click.Choice(["equal", "learned"]),
+                                 help="Weigh the teacher's streams in late fusion equally, or by a learned gate "
+                                      "per stream and sample."), "fusion.late_fusion_weights"),
     "detach-streams/--no-detach-streams": (dict(default=None, help="Train the teacher's streams by their own "
                                                                    "losses only."), "fusion.detach_streams"),
     "stream-smoothing": (dict(type=float, help="Label smoothing of the teacher's stream losses."),

@@ -73,9 +73,13 @@ def _ablation_names(results: dict) -> dict[str, list[str]]:
     return names
 
 
-def _students_mean(entry: dict) -> float:
+def _choice_score(entry: dict) -> float:
+    """What an ablation's variants are chosen by: the students' mean, or the teacher's score in an ablation of
+    multimodal-only runs (no students to average)."""
     students = [s["mean"] for b, s in entry.items() if b != TEACHER]
-    return sum(students) / len(students) if students else float("nan")
+    if not students:
+        return entry[TEACHER]["mean"] if TEACHER in entry else float("nan")
+    return sum(students) / len(students)
 
 
 def _ablation_section(task: str, ablation: str, variants: list[str], results: dict, details: dict, plots: Path,
@@ -95,8 +99,9 @@ def _ablation_section(task: str, ablation: str, variants: list[str], results: di
         verdicts = ", ".join(f"{b} {verdict(_baseline(results, b), entry.get(b), larger)}"
                              for b in branches if b != TEACHER and b in entry)
         lines.append(f"| {variant} | {cells} | {_fmt(entry.get(TEACHER), scale)} | {verdicts} |")
-    pick = (max if larger else min)(variants, key=lambda v: _students_mean(val[f"{ablation}/{v}"]))
-    lines += ["", f"Chosen on validation (mean of the students' {metric}): **{pick}**.", ""]
+    pick = (max if larger else min)(variants, key=lambda v: _choice_score(val[f"{ablation}/{v}"]))
+    by = f"the teacher's {metric}" if branches == [TEACHER] else f"mean of the students' {metric}"
+    lines += ["", f"Chosen on validation ({by}): **{pick}**.", ""]
     _plot_ablation(ablation, entries, results, metric, plots / f"{task}-{ablation}.png")
     return lines + [f"![{task}: {ablation}]({link}/{task}-{ablation}.png)", ""]
 

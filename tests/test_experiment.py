@@ -150,3 +150,19 @@ def test_details_count_the_seeds_whose_guard_muted_each_student(tmp_path):
              Cell("t", "cotrain", 2, None, run("c", [{"epoch": 1}])),
              Cell("t", "alpha/alpha=5", 0, None, run("d", muted_late))]
     assert _muted_seeds(cells) == {"cotrain": {"text": 1}, "alpha/alpha=5": {"text": 1}}
+
+
+def test_an_ablation_of_multimodal_only_runs_is_chosen_by_the_teacher(tmp_path):
+    from ops.results_report import write_results_report
+
+    def s(mean):
+        return {"mean": mean, "std": 0.01, "n": 3}
+
+    test = {"unimodal": {"a": s(0.9), "b": s(1.0)}, "multimodal": {"multimodal": s(0.6)},
+            "cotrain": {"a": s(0.85), "b": s(1.0), "multimodal": s(0.62)},
+            "scratch/equal": {"multimodal": s(0.6)}, "scratch/learned": {"multimodal": s(0.5)}}
+    val = dict(test, **{"scratch/equal": {"multimodal": s(0.7)}, "scratch/learned": {"multimodal": s(0.65)}})
+    details = {"metric": "mae", "larger_is_better": False, "val": val, "muted": {}}
+    report = write_results_report({"t": test}, {"t": details}, tmp_path / "results.md")
+    assert "Chosen on validation (the teacher's mae): **learned**." in report
+    assert (tmp_path / "results" / "t-scratch.png").stat().st_size > 1000

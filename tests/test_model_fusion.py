@@ -122,3 +122,59 @@ def test_sharing_nothing_leaves_the_branches_linked_only_by_transfer():
     terms = cotrain_losses(model(inputs, present), torch.tensor([0, 2]), present, TransferConfig(alpha=0.0))
     sum(v for k, v in terms.items() if k.startswith(TEACHER)).backward()
     assert all(p.grad is None for p in model.students.parameters())  # the teacher's losses never reach a student
+
+
+def _late_term(fusion, task, present=None, model=None):
+    """The teacher's late-fusion term (output with late fusion minus output without), its streams, and model."""
+    inputs, all_present, lengths = _batch()
+    present = present or all_present
+    model = model or CoTrainModel(SPECS, 3, fusion=fusion, task=task, init_seed=1).eval()
+    with_late = model(inputs, present, lengths)
+    model.teacher.late_fusion = False
+    without = model(inputs, present, lengths)
+    model.teacher.late_fusion = True
+    streams = torch.stack([with_late[f"{TEACHER}/{m}"] for m in model.teacher.order])  # (M, B, K)
+    return with_late[TEACHER] - without[TEACHER], streams, model
+
+
+@pytest.mark.parametrize("task", ["class", "regression", "multilabel"])
+def test_learned_late_fusion_weights_start_as_the_equal_ones(task):
+    equal, streams, _ = _late_term(FusionConfig(), task)
+    learned, _, _ = _late_term(FusionConfig(late_fusion_weights="learned"), task)
+    expected = {"class": torch.log_softmax(streams, dim=-1).sum(dim=0), "multilabel": streams.sum(dim=0),
+                "regression": streams.mean(dim=0)}[task]
+    assert torch.allclose(equal, expected, atol=1e-5)
+    assert torch.allclose(learned, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["class", "regression"])
+def test_a_trusted_gate_hands_late_fusion_to_its_stream_unless_the_stream_is_missing(task):
+    inputs, present, lengths = _batch()
+    present = dict(present, words=torch.tensor([True, False, True, True]))
+    model = CoTrainModel(SPECS, 3, fusion=FusionConfig(late_fusion_weights="learned"), task=task).eval()
+    with torch.no_grad():
+        model.teacher.stream_gates["words"].bias.fill_(30.0)
+    late, streams, _ = _late_term(None, task, present, model)
+    if task == "class":
+        streams = torch.log_softmax(streams, dim=-1)
+    order = model.teacher.order
+    words, count = order.index("words"), (len(order) if task == "class" else 1)
+    for sample in (0, 2, 3):  # words present: the late term is the words stream alone
+        assert torch.allclose(late[sample], count * streams[words, sample], atol=1e-4)
+    others = [i for i in range(len(order)) if i != words]  # words missing: the other streams, equally weighted
+    rest = streams[others, 1].sum(dim=0) if task == "class" else streams[others, 1].mean(dim=0)
+    assert torch.allclose(late[1], rest, atol=1e-4)
+
+
+def test_the_gates_learn_from_the_teachers_loss_and_leave_the_streams_alone():
+    model = CoTrainModel(SPECS, 3, fusion=FusionConfig(late_fusion_weights="learned"), task="regression")
+    inputs, present, lengths = _batch()
+    out = model(inputs, present, lengths)
+    model.zero_grad()
+    (out[TEACHER] - 1.0).pow(2).mean().backward()
+    assert all(gate.weight.grad.abs().sum() > 0 for gate in model.teacher.stream_gates.values())
+    # the gates read the streams' pooled features through a stop-gradient: only the Transformer path reaches them
+    heads = model.teacher.stream_heads
+    assert all(head.weight.grad is None or head.weight.grad.abs().sum() == 0 for head in heads.values())
+    with pytest.raises(ValueError, match="fusion.late_fusion_weights"):
+        FusionConfig(late_fusion_weights="attention")
