@@ -47,7 +47,9 @@ PRESETS: dict[str, dict] = {
             "audio": {"name": "cnn1d4", "shared_stages": 2},
             "video": {"name": "frames2d", "shared_stages": 4},
         },
-        "fusion": {"dim": 64, "layers": 2, "heads": 4},
+        # learned late-fusion weights: on the synthetic sentiment corpus they put the teacher ahead of text on
+        # validation (0.729 against 0.742 MAE with equal weights; docs/results-late-weights.md)
+        "fusion": {"dim": 64, "layers": 2, "heads": 4, "late_fusion_weights": "learned"},
         "task": {"regression_loss": "l1", "ccc_weight": 0.5},
         "transfer": {"alpha": 1.0, "temperature": 2.0, "feature": 0.5, "attention": 0.5},
     },
