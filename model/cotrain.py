@@ -288,10 +288,12 @@ class MultimodalBranch(nn.Module):
         length = tokens.shape[1]
         if self.pos_embed is not None and length > self.max_tokens:
             raise ValueError(f"modality {m!r} yields {length} tokens; raise fusion.max_tokens to at least {length}")
-        pooled = masked_mean(tokens, valid)
-        stream = self.stream_heads[m](pooled) if self.stream_heads is not None else None
-        if self.stream_gates is not None:
-            gates[m] = self.stream_gates[m](pooled.detach())
+        stream = None
+        if self.stream_heads is not None:  # gates exist only with stream heads (late fusion needs stream_loss)
+            pooled = masked_mean(tokens, valid)
+            stream = self.stream_heads[m](pooled)
+            if self.stream_gates is not None:
+                gates[m] = self.stream_gates[m](pooled.detach())
         fused_in = tokens.detach() if self.detach_streams else tokens
         embedded = self.proj[m](fused_in)
         if self.modality_embed is not None:

@@ -124,23 +124,23 @@ def test_sharing_nothing_leaves_the_branches_linked_only_by_transfer():
     assert all(p.grad is None for p in model.students.parameters())  # the teacher's losses never reach a student
 
 
-def _late_term(fusion, task, present=None, model=None):
-    """The teacher's late-fusion term (output with late fusion minus output without), its streams, and model."""
+def _late_term(model, present=None):
+    """The teacher's late-fusion term (output with late fusion minus output without) and its streams (M, B, K)."""
     inputs, all_present, lengths = _batch()
     present = present or all_present
-    model = model or CoTrainModel(SPECS, 3, fusion=fusion, task=task, init_seed=1).eval()
     with_late = model(inputs, present, lengths)
     model.teacher.late_fusion = False
     without = model(inputs, present, lengths)
     model.teacher.late_fusion = True
     streams = torch.stack([with_late[f"{TEACHER}/{m}"] for m in model.teacher.order])  # (M, B, K)
-    return with_late[TEACHER] - without[TEACHER], streams, model
+    return with_late[TEACHER] - without[TEACHER], streams
 
 
 @pytest.mark.parametrize("task", ["class", "regression", "multilabel"])
 def test_learned_late_fusion_weights_start_as_the_equal_ones(task):
-    equal, streams, _ = _late_term(FusionConfig(), task)
-    learned, _, _ = _late_term(FusionConfig(late_fusion_weights="learned"), task)
+    equal, streams = _late_term(CoTrainModel(SPECS, 3, fusion=FusionConfig(), task=task, init_seed=1).eval())
+    learned, _ = _late_term(CoTrainModel(SPECS, 3, fusion=FusionConfig(late_fusion_weights="learned"), task=task,
+                                         init_seed=1).eval())
     expected = {"class": torch.log_softmax(streams, dim=-1).sum(dim=0), "multilabel": streams.sum(dim=0),
                 "regression": streams.mean(dim=0)}[task]
     assert torch.allclose(equal, expected, atol=1e-5)
@@ -154,7 +154,7 @@ def test_a_trusted_gate_hands_late_fusion_to_its_stream_unless_the_stream_is_mis
     model = CoTrainModel(SPECS, 3, fusion=FusionConfig(late_fusion_weights="learned"), task=task).eval()
     with torch.no_grad():
         model.teacher.stream_gates["words"].bias.fill_(30.0)
-    late, streams, _ = _late_term(None, task, present, model)
+    late, streams = _late_term(model, present)
     if task == "class":
         streams = torch.log_softmax(streams, dim=-1)
     order = model.teacher.order
@@ -173,7 +173,7 @@ def test_the_gates_learn_from_the_teachers_loss_and_leave_the_streams_alone():
     model.zero_grad()
     (out[TEACHER] - 1.0).pow(2).mean().backward()
     assert all(gate.weight.grad.abs().sum() > 0 for gate in model.teacher.stream_gates.values())
-    # the gates read the streams' pooled features through a stop-gradient: only the Transformer path reaches them
+    # stream predictions and the gates' inputs are detached: the teacher's loss never reaches the stream heads
     heads = model.teacher.stream_heads
     assert all(head.weight.grad is None or head.weight.grad.abs().sum() == 0 for head in heads.values())
     with pytest.raises(ValueError, match="fusion.late_fusion_weights"):
