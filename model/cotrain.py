@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from .encoders import StagedEncoder, Stages, TransformerStage, build_encoder, masked_mean, tokens_of
+from .tasks import TASKS, late_fusion
 
 __all__ = ["seeded", "ModalitySpec", "FusionConfig", "CoTrainModel", "StudentBranch", "MultimodalBranch", "MODES",
            "TASKS", "TEACHER", "build_model", "encoder_width"]
 
 MODES = ("cotrain", "unimodal", "multimodal")
 TEACHER = "multimodal"
-TASKS = ("class", "regression", "multilabel")
 POOLINGS = ("mean", "cls")
 LATE_FUSION_WEIGHTS = ("equal", "learned")
 
@@ -375,13 +375,12 @@ class MultimodalBranch(nn.Module):
         gates each present stream is weighted by its gate's softmax share (times the number of present
         streams for a product, so equal gates give the plain product)."""
         preds = torch.stack([out[f"{TEACHER}/{m}"].detach() for m in self.order])  # (M, B, K)
+        mask = torch.stack([present[m] for m in self.order])[..., None].to(preds.dtype)  # (M, B, 1)
+        if not gates:
+            return late_fusion(preds, mask, self.task)
         if self.task == "class":
             preds = torch.log_softmax(preds, dim=-1)
-        mask = torch.stack([present[m] for m in self.order])[..., None].to(preds.dtype)  # (M, B, 1)
         count = mask.sum(dim=0).clamp_min(1.0)
-        if not gates:
-            total = (preds * mask).sum(dim=0)
-            return total / count if self.task == "regression" else total
         scores = torch.stack([gates[m] for m in self.order]).masked_fill(mask == 0, -1e9)
         weights = torch.softmax(scores, dim=0) * mask  # (M, B, 1), summing to 1 over the present streams
         if self.task != "regression":

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .cotrain import TASKS
+TASKS = ("class", "regression", "multilabel")
 
-__all__ = ["TaskConfig", "REGRESSION_LOSSES", "masked_mean", "task_loss", "sample_error", "ccc"]
+__all__ = ["TaskConfig", "REGRESSION_LOSSES", "masked_mean", "task_loss", "sample_error", "ccc", "late_fusion"]
 
 REGRESSION_LOSSES = ("mse", "l1")
 
@@ -68,6 +68,17 @@ def _per_sample(logits: torch.Tensor, labels: torch.Tensor, task: str, smoothing
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").mean(dim=-1)
     diff = logits - labels.to(logits.dtype).reshape(logits.shape)
     return (diff.abs() if regression == "l1" else diff ** 2).mean(dim=-1)
+
+
+def late_fusion(outputs: torch.Tensor, mask: torch.Tensor, task: str) -> torch.Tensor:
+    """The joint prediction of M experts from their (M, B, K) outputs, each counted where mask (M, B, 1) is
+    1: a product of experts for classes (the sum of log-probabilities) and for independent labels (the sum of
+    logits), the mean of the present experts for regression. No training, nothing learned: the standard
+    baseline a multimodal model must beat, and the teacher's own late-fusion term."""
+    if task == "class":
+        outputs = torch.log_softmax(outputs, dim=-1)
+    total = (outputs * mask).sum(dim=0)
+    return total / mask.sum(dim=0).clamp_min(1.0) if task == "regression" else total
 
 
 def ccc(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

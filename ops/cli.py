@@ -286,12 +286,17 @@ def experiment_cmd(spec, out, tasks, quick, jobs, report) -> None:
 @click.option("--epochs", type=int, default=12, show_default=True)
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds; the table shows mean ± std.")
 @click.option("--metrics-port", type=int, default=9400, show_default=True)
-def demo_cmd(workdir, n, epochs, seeds, metrics_port) -> None:
+@click.option("--readme", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Also write the tables into this file between its demo-table markers (make readme-demo).")
+def demo_cmd(workdir, n, epochs, seeds, metrics_port, readme) -> None:
     """Synthesize the built-in corpus, build shards, train baselines and the co-trained model, compare."""
     from .demo import run_demo
 
-    run_demo(workdir=workdir, n=n, epochs=epochs, seeds=[int(s) for s in _split_names(seeds)],
-             metrics_port=metrics_port)
+    try:
+        run_demo(workdir=workdir, n=n, epochs=epochs, seeds=[int(s) for s in _split_names(seeds)],
+                 metrics_port=metrics_port, readme=readme)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from err
 
 
 if __name__ == "__main__":

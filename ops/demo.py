@@ -7,10 +7,12 @@ baseline and the co-trained model with the same budget and seed -> evaluate on t
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import time
 from pathlib import Path
 
-from .config import MetricsConfig, RunConfig
+from .config import MetricsConfig, RunConfig, config_hash, load_config
 from .evaluate import MODEL_FILE, evaluate_run
 from .experiment import synthetic_shards
 from .report import collect_runs, comparison_rows, format_comparison, group_runs, write_report
@@ -25,17 +27,40 @@ def _plan(modalities: list[str]) -> list[tuple[str, str, list[str]]]:
 
 
 def _train_and_score(run: Path, cfg: RunConfig) -> None:
-    """Train the run unless it is finished, and score it on test unless that is done."""
+    """Train the run unless it is finished under this very config, and score it on test unless that is done.
+    A run left by another version of the demo (another config) is trained again: reusing it would put an old
+    model's scores in the table beside new ones."""
     from .train import train
 
+    saved = run / "config.json"
+    if saved.is_file() and config_hash(load_config(saved)) != config_hash(cfg):
+        print(f"[demo] {run} was trained with another config; training it again", flush=True)
+        shutil.rmtree(run)
     if not (run / MODEL_FILE).is_file():
+        if run.exists():  # interrupted before it finished: the demo owns its runs, start it over
+            shutil.rmtree(run)
         train(cfg)
     if not (run / "eval-test.json").is_file():
         evaluate_run(run, split="test")
 
 
-def run_demo(*, workdir: str, n: int, epochs: int, seeds: list[int], metrics_port: int) -> list[dict]:
-    """Run every stage and print the comparison table (test accuracy, %)."""
+README_BEGIN, README_END = "<!-- demo-table: begin -->", "<!-- demo-table: end -->"
+
+
+def update_readme(readme: Path, block: str) -> None:
+    """Put `block` between the README's demo-table markers, so its table is what the demo printed."""
+    text = readme.read_text(encoding="utf-8")
+    pattern = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"{readme} has no {README_BEGIN} ... {README_END} markers: add them where the demo's "
+                         "tables belong")
+    readme.write_text(pattern.sub(lambda _: f"{README_BEGIN}\n{block.strip()}\n{README_END}", text), encoding="utf-8")
+
+
+def run_demo(*, workdir: str, n: int, epochs: int, seeds: list[int], metrics_port: int,
+             readme: str | None = None) -> list[dict]:
+    """Run every stage and print the comparison table (test accuracy, %); with `readme`, also write the
+    tables into that file between its demo-table markers."""
     started, work = time.perf_counter(), Path(workdir)
     shards = synthetic_shards("demo", work / "corpus", work / "shards", n=n, seed=0, log="demo")
     from pipeline.dataset import load_dataset_info
@@ -57,12 +82,14 @@ def run_demo(*, workdir: str, n: int, epochs: int, seeds: list[int], metrics_por
     (work / "results.json").write_text(json.dumps({"rows": rows, "val_rows": val_rows}, indent=2) + "\n")
     (work / "results.md").write_text(f"Test\n\n{table}\n\nValidation (best epoch)\n\n{val_table}\n")
     over = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"seed {seeds[0]}"
-    print(f"\nTest accuracy (%), {over}; every run used the same epochs, optimiser and schedule,")
-    print("and each branch is scored with the weights of its own best validation epoch.")
-    print(table)
-    print(f"\nValidation accuracy (%) at each branch's best epoch, {over}: the teacher (multimodal) must beat")
-    print("every student here for transfer to help.")
-    print(val_table)
+    block = (f"Test accuracy (%), {over}; every run used the same epochs, optimiser and schedule,\n"
+             "and each branch is scored with the weights of its own best validation epoch.\n\n"
+             f"{table}\n\nValidation accuracy (%) at each branch's best epoch, {over}: the teacher (multimodal) "
+             f"must beat\nevery student here for transfer to help.\n\n{val_table}\n")
+    print("\n" + block)
+    if readme:
+        update_readme(Path(readme), block)
+        print(f"[demo] wrote these tables into {readme}")
     if metrics_port:
         print(f"\nDuring each training run, Prometheus metrics were served at http://127.0.0.1:{metrics_port}/metrics")
     print(f"Results: {work / 'results.json'}, plots: {work / 'report'}  ({time.perf_counter() - started:.0f} s)")

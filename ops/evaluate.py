@@ -17,7 +17,8 @@ from pipeline.dataset import load_dataset_info
 from .scores import is_better, make_scorer, primary_metric
 
 __all__ = ["MODEL_FILE", "BEST_DIR", "build_run_model", "load_run", "score_branches", "evaluate_run", "format_scores",
-           "teacher_warning", "task_of", "plot_confusions"]
+           "teacher_warning", "task_of", "plot_confusions", "record_predictions", "write_predictions",
+           "read_predictions"]
 
 MODEL_FILE = "model.pt"
 BEST_DIR = "best"
@@ -49,9 +50,11 @@ def task_of(info) -> tuple[str, int]:
 
 @torch.no_grad()
 def score_branches(model: CoTrainModel, loader: BaseLoader, *, branches: list[str] | None = None,
-                   prepare=lambda batch: batch, task: str = "class", size: int | None = None) -> dict[str, dict]:
+                   prepare=lambda batch: batch, task: str = "class", size: int | None = None,
+                   predictions: dict | None = None) -> dict[str, dict]:
     """The metrics of each branch over one pass of `loader` (ops/scores.py). A unimodal branch sees
-    only its own input and is scored on the samples that have it."""
+    only its own input and is scored on the samples that have it. With a `predictions` dict, also records
+    each sample's outputs there (record_predictions)."""
     was_training = model.training
     model.eval()
     branches = branches or model.branches
@@ -65,18 +68,51 @@ def score_branches(model: CoTrainModel, loader: BaseLoader, *, branches: list[st
         for branch in branches:
             mask = batch.present[branch] if branch != TEACHER else everyone
             scorers[branch].update(logits[branch].cpu(), batch.labels.cpu(), mask.cpu())
+        if predictions is not None:
+            record_predictions(predictions, batch, {b: logits[b] for b in branches})
     model.train(was_training)
     return {b: scorers[b].result() for b in branches}
+
+
+def record_predictions(predictions: dict, batch, outputs: dict[str, torch.Tensor]) -> None:
+    """predictions[key] = {"key", "label", "outputs": {branch: list}}: each sample's raw outputs (logits for
+    classes and labels, values for regression), for branches whose input the sample has (the teacher always)."""
+    labels = batch.labels.cpu().tolist()
+    present = {b: (batch.present[b].cpu() if b in batch.present else None) for b in outputs}
+    values = {b: o.float().cpu() for b, o in outputs.items()}
+    for i, key in enumerate(batch.keys):
+        row = predictions.setdefault(key, {"key": key, "label": labels[i], "outputs": {}})
+        for branch, output in values.items():
+            if present[branch] is None or bool(present[branch][i]):
+                row["outputs"][branch] = [round(v, 6) for v in output[i].tolist()]
+
+
+def write_predictions(path: Path, predictions: dict) -> None:
+    """One JSON line per sample, in key order (a padded last batch repeats no sample)."""
+    lines = [json.dumps(predictions[key]) for key in sorted(predictions)]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def read_predictions(path: Path) -> dict[str, dict]:
+    """key -> {"key", "label", "outputs": {branch: list}}, as write_predictions wrote them."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `cotrain eval --run {path.parent} --split "
+                                f"{path.stem.removeprefix('predictions-')}` to write it")
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {row["key"]: row for row in rows}
 
 
 def _best_weights(run: Path, branch: str) -> Path:
     return run / BEST_DIR / f"{branch}.pt"
 
 
-def evaluate_run(run: str | Path, *, split: str = "test", shards: str | None = None, which: str = "best") -> dict:
-    """Score RUN on `split` and write RUN/eval-<split>.json. With which='best', each branch is scored
-    with the weights of its own best validation epoch (a student's best epoch may differ from the
-    teacher's); 'last' scores the final weights."""
+def evaluate_run(run: str | Path, *, split: str = "test", shards: str | None = None, which: str = "best",
+                 save_scores: bool = True) -> dict:
+    """Score RUN on `split` and write RUN/eval-<split>.json and RUN/predictions-<split>.jsonl (each sample's
+    key, label and every branch's outputs). With which='best', each branch is scored with the weights of its
+    own best validation epoch (a student's best epoch may differ from the teacher's); 'last' scores the final
+    weights. save_scores=False writes the predictions alone (training already wrote eval-val.json, with the
+    best epochs in it)."""
     run = Path(run)
     model, payload = load_run(run)
     info = load_dataset_info(shards or payload["config"]["shards"])
@@ -88,13 +124,16 @@ def evaluate_run(run: str | Path, *, split: str = "test", shards: str | None = N
         best = _best_weights(run, branch)
         sources.setdefault(best if which == "best" and best.is_file() else None, []).append(branch)
     task, size = task_of(info)
-    scores = {}
+    scores, predictions = {}, {}
     for source, branches in sources.items():
         state = payload["state_dict"] if source is None else torch.load(source, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-        scores.update(score_branches(model, loader, branches=branches, task=task, size=size))
+        scores.update(score_branches(model, loader, branches=branches, task=task, size=size, predictions=predictions))
     scores = {b: scores[b] for b in model.branches}
     result = {"split": split, "mode": payload["mode"], "which": which, "task": task, "branches": scores}
+    write_predictions(run / f"predictions-{split}.jsonl", predictions)
+    if not save_scores:
+        return result
     (run / f"eval-{split}.json").write_text(json.dumps(result, indent=2) + "\n")
     if task == "class":
         plot_confusions(result, run / "plots", names=getattr(info, "label", {}).get("names"))

@@ -146,16 +146,22 @@ def select_tasks(spec: ExperimentSpec, names: list[str]) -> ExperimentSpec:
 
 # -- the grid -----------------------------------------------------------------------------------------------
 
+FAMILY_KEYS = ("classes", "size", "strength")
+
+
 def prepare_corpus(task: TaskSpec, out: Path) -> Path:
-    """The task's shards: given, or synthesized and built under OUT/corpus/<task> once."""
+    """The task's shards: given, or synthesized and built under OUT/corpus/<task> once. A family member
+    (synth: family) is built at its own frame size."""
     if "shards" in task.corpus:
         return Path(task.corpus["shards"])
+    family = {k: task.corpus[k] for k in FAMILY_KEYS if k in task.corpus}
     return synthetic_shards(task.corpus["synth"], out / "corpus" / task.name, out / "shards" / task.name,
                             n=int(task.corpus.get("count", 600)), seed=int(task.corpus.get("seed", 0)),
-                            log="experiment")
+                            log="experiment", family=family or None)
 
 
-def synthetic_shards(kind: str, corpus: Path, shards: Path, *, n: int, seed: int, log: str) -> Path:
+def synthetic_shards(kind: str, corpus: Path, shards: Path, *, n: int, seed: int, log: str,
+                     family: dict | None = None) -> Path:
     """Synthesize corpus `kind` into `corpus` and build it into `shards`, each stage skipped when its output
     exists (an interrupted demo or grid resumes); returns the shard directory."""
     from shards.build import build_shards
@@ -164,10 +170,11 @@ def synthetic_shards(kind: str, corpus: Path, shards: Path, *, n: int, seed: int
     manifest = corpus / "manifest.jsonl"
     if not manifest.is_file():
         print(f"[{log}] synthesizing the {kind} corpus ({n} samples) into {corpus}", flush=True)
-        write_task_corpus(kind, corpus, n=n, seed=seed)
+        write_task_corpus(kind, corpus, n=n, seed=seed, family=family)
     if not (shards / "dataset.json").is_file():
         print(f"[{log}] building shards into {shards}", flush=True)
-        build_shards(manifest, out=shards)
+        size = (family or {}).get("size")
+        build_shards(manifest, out=shards, **({"height": size, "width": size} if size else {}))
     return shards
 
 
@@ -251,6 +258,8 @@ def _train_cell(cfg_dict: dict, threads: int) -> float:
         train(cfg, resume=resume)
     if not (run / "eval-test.json").is_file():
         evaluate_run(run, split="test")
+    if not (run / "predictions-val.jsonl").is_file():  # late fusion of the baselines reads both splits
+        evaluate_run(run, split="val", save_scores=False)
     seconds = time.perf_counter() - started
     (run / "wall_seconds.json").write_text(json.dumps({"seconds": seconds}) + "\n")
     return seconds
@@ -315,6 +324,26 @@ def _entry_values(cells: list[Cell], split: str) -> dict[tuple[str, str], dict[s
     return table
 
 
+def _late_fusion_values(cells: list[Cell], split: str) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """(task, "late_fusion") -> {"multimodal": the primary metric per seed} of late fusion of the seed's
+    unimodal baselines (ops/late_fusion.py), the baseline the multimodal branch must beat."""
+    from .late_fusion import LATE_FUSION, late_fusion_scores
+
+    baselines: dict[tuple[str, int], list[Path]] = {}
+    for cell in cells:
+        if cell.entry.startswith("unimodal/") and cell.run not in baselines.get((cell.task, cell.seed), []):
+            baselines.setdefault((cell.task, cell.seed), []).append(cell.run)
+    table: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for (task, _seed), runs in baselines.items():
+        if len(runs) < 2:
+            continue
+        scores = _scores(runs[0], split)
+        metric = PRIMARY[scores["task"]][0]
+        fused = late_fusion_scores(runs, split, scores["task"])
+        table.setdefault((task, LATE_FUSION), {}).setdefault(TEACHER, []).append(fused[metric])
+    return table
+
+
 def _nest(table: dict[tuple[str, str], dict[str, list[float]]]) -> dict:
     """{task: {mode: {branch: summary}, ablation/variant: ...}} with ablations flattened as "ablation/variant"."""
     out: dict = {}
@@ -325,8 +354,8 @@ def _nest(table: dict[tuple[str, str], dict[str, list[float]]]) -> dict:
 
 def summarize(cells: list[Cell]) -> tuple[dict, dict]:
     """(results, details): test summaries in the issue's shape; validation, metric and times beside them."""
-    results = _nest(_entry_values(cells, "test"))
-    validation = _nest(_entry_values(cells, "val"))
+    results = _nest({**_entry_values(cells, "test"), **_late_fusion_values(cells, "test")})
+    validation = _nest({**_entry_values(cells, "val"), **_late_fusion_values(cells, "val")})
     details: dict = {}
     for task in results:
         first = next(c for c in cells if c.task == task)
@@ -335,7 +364,7 @@ def summarize(cells: list[Cell]) -> tuple[dict, dict]:
         details[task] = {
             "metric": metric, "larger_is_better": larger, "task_type": kind, "val": validation[task],
             "teacher": {entry: branches.get(TEACHER) for entry, branches in results[task].items()
-                        if entry not in ("unimodal", "multimodal")},
+                        if entry not in ("unimodal", "multimodal", "late_fusion")},
             "runs": {f"{c.entry} seed {c.seed}": str(c.run) for c in cells if c.task == task},
             "train_seconds": sum(_wall(run) for run in {c.run for c in cells if c.task == task}),
             "configs": {c.entry: _config_digest(c.cfg) for c in cells if c.task == task and c.seed == first.seed},

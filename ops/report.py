@@ -106,7 +106,29 @@ def comparison_rows(groups: dict[str, list[RunRecord]], cotrain_group: str = "co
         alone = _summary(alone_values) if alone_values else None
         rows.append({"branch": branch, "metric": metric, "alone": alone, "cotrained": co, "teacher": teacher,
                      "difference": co["mean"] - alone["mean"] if alone else None})
+    fused = _late_fusion_summary(groups, [r["branch"] for r in rows if r["branch"] != TEACHER], metric)
+    if fused is not None and TEACHER in cotrained[0].scores["branches"]:
+        rows.append({"branch": LATE_FUSION_ROW, "metric": metric, "alone": fused, "cotrained": None,
+                     "teacher": None, "difference": None})
     return rows
+
+
+LATE_FUSION_ROW = "late fusion of the baselines"
+
+
+def _late_fusion_summary(groups: dict[str, list[RunRecord]], students: list[str], metric: str) -> dict | None:
+    """Late fusion of the unimodal baselines of `students`, per seed that has all of them (None with fewer
+    than two)."""
+    from .late_fusion import late_fusion_scores
+
+    baselines = [{r.seed: r for r in groups.get(f"unimodal-{m}", [])} for m in students]
+    seeds = sorted(set.intersection(*(set(b) for b in baselines))) if len(baselines) > 1 else []
+    values = []
+    for seed in seeds:
+        runs = [b[seed] for b in baselines]
+        scores = late_fusion_scores([r.path for r in runs], runs[0].scores["split"], runs[0].scores["task"])
+        values.append(scores[metric])
+    return _summary(values) if values else None
 
 
 def _fmt(summary: dict | None, scale: float) -> str:
@@ -130,7 +152,7 @@ def format_comparison(rows: list[dict]) -> str:
     for r in rows:
         diff = "n/a" if r["difference"] is None else (f"{scale * r['difference']:+.1f}" if scale != 1
                                                        else f"{r['difference']:+.3f}")
-        teacher = "" if r["branch"] == TEACHER else _fmt(r["teacher"], scale)
+        teacher = "" if r["branch"] == TEACHER or r["teacher"] is None else _fmt(r["teacher"], scale)
         lines.append(f"| {r['branch']} | {_fmt(r['alone'], scale)} | {_fmt(r['cotrained'], scale)} | {diff} | "
                      f"{teacher} |")
     return "\n".join(lines)

@@ -57,11 +57,12 @@ from tqdm import tqdm
 
 from shards.synth import (_moving_blob, _shown_class, _write_manifest, _write_wav, assign_splits,
                           write_synthetic_corpus)
+from shards.synth_family import FamilyMember, render_family_sample
 from shards.synth_media import FaceExpression, render_depth_hand, render_face, render_speech, write_mp4
 
 __all__ = ["CONFUSED", "P_MISLEAD", "TASKS", "write_task_corpus"]
 
-TASKS = ("demo", "gesture", "emotion", "sentiment")
+TASKS = ("demo", "gesture", "emotion", "sentiment", "family")
 P_MISLEAD = {
     "gesture": {"rgb": 0.15, "depth": 0.1},
     "emotion": {"rgb": 0.15, "audio": 0.2},
@@ -106,23 +107,28 @@ SENTIMENT_VIDEO_NOISE = 0.1
 SENTIMENT_MOUTH_BEND = 8.0
 SENTIMENT_SLOPE = 0.4  # pitch slope per unit sign at full arousal
 SENTIMENT_PITCH_SPAN = 6.0  # score points per octave of voice pitch
-MEDIA_FOLDERS = {"gesture": ("video", "depth"), "emotion": ("video", "audio"), "sentiment": ("video", "audio")}
+MEDIA_FOLDERS = {"gesture": ("video", "depth"), "emotion": ("video", "audio"), "sentiment": ("video", "audio"),
+                 "family": ("video", "audio")}
 
 
 def write_task_corpus(task: str, out: Path | str, *, n: int = 600, seed: int = 0, workers: int = 2,
-                      num_classes: int = 6, progress: bool = True) -> Path:
-    """Write task `task`'s corpus of `n` samples under `out` and return its manifest's path."""
+                      num_classes: int = 6, progress: bool = True, family: dict | None = None) -> Path:
+    """Write task `task`'s corpus of `n` samples under `out` and return its manifest's path. `family` holds
+    the family member's parameters (shards/synth_family.py: classes, size, strength) for task 'family'."""
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; use one of {', '.join(TASKS)}.")
     if task == "demo":
         return write_synthetic_corpus(out, n=n, seed=seed, num_classes=num_classes, workers=workers)
     if n < 1 or workers < 1:
         raise ValueError(f"need n >= 1 and workers >= 1; got n={n}, workers={workers}.")
+    options = dict(FamilyMember(**(family or {}))) if task == "family" else {}
+    if family and task != "family":
+        raise ValueError(f"family parameters apply to task 'family', not {task!r}")
     out = Path(out)
     for folder in MEDIA_FOLDERS[task]:
         (out / folder).mkdir(parents=True, exist_ok=True)
     splits = assign_splits(n, seed=seed)
-    jobs = [(task, str(out), seed, index, splits[index]) for index in range(n)]
+    jobs = [(task, str(out), seed, index, splits[index], options) for index in range(n)]
     # forkserver, not fork: forking a caller that holds threads (torch, DALI) can deadlock the child.
     with multiprocessing.get_context("forkserver").Pool(workers) as pool:
         results = list(tqdm(pool.imap(_write_sample, jobs, chunksize=4), total=n, disable=not progress,
@@ -131,12 +137,12 @@ def write_task_corpus(task: str, out: Path | str, *, n: int = 600, seed: int = 0
     return _write_manifest(out / "manifest.jsonl", [record for record, _ in results])
 
 
-def _write_sample(job: tuple[str, str, int, int, str]) -> tuple[dict, dict]:
+def _write_sample(job: tuple[str, str, int, int, str, dict]) -> tuple[dict, dict]:
     """Render and write one sample (in a pool worker); return its manifest record and shown values."""
-    task, out, seed, index, split = job
+    task, out, seed, index, split, options = job
     rng = np.random.default_rng([seed, index])
     key = f"{task[:3]}_{index:06d}"
-    record, shown = RENDERERS[task](rng, Path(out), key)
+    record, shown = RENDERERS[task](rng, Path(out), key, **options)
     return {"key": key, "split": split, **record}, shown
 
 
@@ -254,4 +260,9 @@ def _write_shown(path: Path, rows: list[tuple[str, dict]]) -> None:
     path.write_text("".join(json.dumps({"key": key, **shown}) + "\n" for key, shown in rows), encoding="utf-8")
 
 
-RENDERERS = {"gesture": _render_gesture, "emotion": _render_emotion, "sentiment": _render_sentiment}
+def _render_family(rng: np.random.Generator, out: Path, key: str, **member) -> tuple[dict, dict]:
+    return render_family_sample(rng, out, key, FamilyMember(**member))
+
+
+RENDERERS = {"gesture": _render_gesture, "emotion": _render_emotion, "sentiment": _render_sentiment,
+             "family": _render_family}

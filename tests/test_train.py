@@ -1,5 +1,6 @@
 """ops/: training under DeepSpeed in every mode, evaluation JSON, metrics endpoint, two ranks."""
 import json
+import shutil
 import subprocess
 import time
 import urllib.request
@@ -46,6 +47,12 @@ def test_one_epoch_in_each_mode_then_eval_writes_json(tiny_shards, tmp_path, mod
         assert 0.0 <= score["macro_f1"] <= 1.0
         assert sum(map(sum, score["confusion"])) == score["samples"]
         assert (run / "plots" / f"confusion-test-{branch}.png").stat().st_size > 1000
+    rows = [json.loads(line) for line in (run / "predictions-test.jsonl").read_text().splitlines()]
+    assert len({r["key"] for r in rows}) == len(rows) == max(b["samples"] for b in written["branches"].values())
+    for branch, score in written["branches"].items():  # the saved outputs give the scores eval printed
+        hits = [max(range(6), key=r["outputs"][branch].__getitem__) == r["label"] for r in rows
+                if branch in r["outputs"]]
+        assert len(hits) == score["samples"] and sum(hits) / len(hits) == pytest.approx(score["accuracy"])
 
 
 def test_the_validation_guard_stops_transfer_to_a_student_the_teacher_does_not_lead(tiny_shards, tmp_path):
@@ -153,24 +160,74 @@ def test_report_compares_each_branch_with_its_baseline_over_seeds(tmp_path):
     assert (tmp_path / "rep" / "curves.png").stat().st_size > 1000
 
 
+def _predictions(run: Path, branch: str, rows: list[tuple[str, int, list]]) -> None:
+    (run / "predictions-test.jsonl").write_text("".join(
+        json.dumps({"key": key, "label": label, "outputs": {branch: logits}}) + "\n" for key, label, logits in rows))
+
+
+def test_report_adds_late_fusion_of_the_baselines_from_their_predictions(tmp_path):
+    """Each baseline is right on 2 of 3 samples, on different ones, and confident where it is right: the
+    product of their probabilities is right on all 3, which neither baseline is."""
+    runs = [_fake_run(tmp_path, "uni-a", "unimodal", ["a"], 0, {"a": 2 / 3}),
+            _fake_run(tmp_path, "uni-b", "unimodal", ["b"], 0, {"b": 2 / 3}),
+            _fake_run(tmp_path, "co", "cotrain", [], 0, {"a": 0.7, "b": 0.7, "multimodal": 0.9})]
+    _predictions(runs[0], "a", [("k0", 0, [4.0, 0.0]), ("k1", 1, [0.0, 4.0]), ("k2", 0, [0.0, 0.5])])
+    _predictions(runs[1], "b", [("k0", 0, [0.5, 0.0]), ("k1", 1, [0.3, 0.0]), ("k2", 0, [4.0, 0.0])])
+    result = CliRunner().invoke(main, ["report", *map(str, runs), "--out", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "| late fusion of the baselines | 100.0 | n/a | n/a |  |" in result.output
+    _predictions(runs[1], "b", [("k0", 0, [0.5, 0.0]), ("k1", 1, [5.0, 0.0]), ("k2", 0, [4.0, 0.0])])
+    result = CliRunner().invoke(main, ["report", *map(str, runs), "--out", str(tmp_path / "rep")])
+    assert "| late fusion of the baselines | 66.7 | n/a | n/a |  |" in result.output  # k1 now outvoted
+
+
 def test_report_without_a_cotrained_run_says_what_to_add(tmp_path):
     run = _fake_run(tmp_path, "uni", "unimodal", ["a"], 0, {"a": 0.5})
     result = CliRunner().invoke(main, ["report", str(run), "--out", str(tmp_path / "rep")])
     assert result.exit_code != 0 and "no co-trained run" in result.output
 
 
-def test_demo_runs_every_stage_and_prints_the_table(tmp_path):
-    result = CliRunner().invoke(main, ["demo", "--workdir", str(tmp_path), "--n", "40", "--epochs", "1",
-                                       "--seeds", "0", "--metrics-port", "0"])
+def _demo(workdir: Path, *args: str):
+    result = CliRunner().invoke(main, ["demo", "--workdir", str(workdir), "--n", "40", "--epochs", "1",
+                                       "--seeds", "0", "--metrics-port", "0", *args])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    assert "| branch | trained alone | co-trained | difference |" in result.output
-    for branch in ("rgb", "audio", "text", "multimodal"):
-        assert f"| {branch} |" in result.output
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert [r["branch"] for r in saved["rows"]] == ["rgb", "audio", "text", "multimodal"]
-    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    return result
+
+
+def test_demo_runs_every_stage_prints_the_table_and_repeats_it_exactly(tmp_path):
+    """Twice from the same shards, the demo prints the same tables (what the README quotes must be what a
+    user's `make demo` prints), and --readme writes them between the markers."""
+    first = _demo(tmp_path / "a")
+    assert "| branch | trained alone | co-trained | difference |" in first.output
+    for branch in ("rgb", "audio", "text", "multimodal", "late fusion of the baselines"):
+        assert f"| {branch} |" in first.output
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert [r["branch"] for r in saved["rows"]] == ["rgb", "audio", "text", "multimodal",
+                                                    "late fusion of the baselines"]
+    runs = sorted(p.name for p in (tmp_path / "a" / "runs").iterdir())
     assert runs == ["cotrain-seed0", "multimodal-seed0", "unimodal-audio-seed0", "unimodal-rgb-seed0",
                     "unimodal-text-seed0"]
+    for stage in ("corpus", "shards"):  # the same inputs; every run trained again
+        shutil.copytree(tmp_path / "a" / stage, tmp_path / "b" / stage)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- demo-table: begin -->\nold table\n<!-- demo-table: end -->\nrest\n")
+    _demo(tmp_path / "b", "--readme", str(readme))
+    tables = [(tmp_path / w / "results.md").read_text() for w in ("a", "b")]
+    assert tables[0] == tables[1]
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("rest\n")
+    assert saved["rows"][0]["branch"] in text and "| late fusion of the baselines |" in text
+
+    # a finished run whose config differs from what the demo asks now is trained again, not reused
+    run = tmp_path / "b" / "runs" / "unimodal-rgb-seed0"
+    stale = json.loads((run / "config.json").read_text())
+    stale["optim"]["lr"] = 0.5
+    (run / "config.json").write_text(json.dumps(stale))
+    (run / "eval-test.json").write_text("{}")
+    result = _demo(tmp_path / "b")
+    assert result.output.count("training it again") == 1 and "unimodal-rgb-seed0 was trained with" in result.output
+    assert json.loads((run / "config.json").read_text())["optim"]["lr"] != 0.5
+    assert (tmp_path / "b" / "results.md").read_text() == tables[0]
 
 
 def test_two_launchers_as_two_nodes_without_ssh_train_together(tiny_shards, tmp_path):
