@@ -261,8 +261,8 @@ def _parse_lists(lists: tuple[str, ...]) -> dict[str, str]:
     for item in lists:
         split, separator, name = item.partition("=")
         if not separator or not split or not name:
-            raise click.BadParameter(f"{item!r} is not SPLIT=FILE, e.g. train=nvgesture_arm_train_correct_cvpr2016_v2.lst.",
-                                     param_hint="--list")
+            raise click.BadParameter(f"{item!r} is not SPLIT=FILE, e.g. "
+                                     f"train=nvgesture_arm_train_correct_cvpr2016_v2.lst.", param_hint="--list")
         chosen[split] = name
     return chosen
 

@@ -231,8 +231,8 @@ def _exported_feature_folders(root: Path, report: Report) -> dict[str, Path]:
         if child.name.lower() in aliases:
             folders[aliases[child.name.lower()]] = child
         elif any(child.glob("*.npy")):
-            report.count(f"feature folders not used (known: {', '.join(n for v in MOSEI_SEQUENCES.values() for n in v)})",
-                         child.name)
+            known = ", ".join(name for names in MOSEI_SEQUENCES.values() for name in names)
+            report.count(f"feature folders not used (known: {known})", child.name)
     return folders
 
 

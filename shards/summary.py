@@ -32,7 +32,7 @@ def summarize_shards(folder: Path | str) -> dict:
                          "labels": _label_summary(labels, dataset["label"]),
                          "coverage": {name: present[name] for name in dataset["modalities"]}}
     return {"splits": splits, "durations_s": _durations(dataset["modalities"]), "rejects": dataset["rejects"],
-            "label_type": dataset["label"]["type"]}
+            "label_type": dataset["label"]["type"], "num_classes": dataset["label"].get("num_classes")}
 
 
 def _label_summary(labels: list, spec: dict) -> dict:
@@ -60,7 +60,8 @@ def _durations(modalities: dict) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"label type: {summary['label_type']}; rejects: {summary['rejects']}; stored durations (s): "
+    classes = f", {summary['num_classes']} classes" if summary.get("num_classes") else ""
+    lines = [f"label type: {summary['label_type']}{classes}; rejects: {summary['rejects']}; stored durations (s): "
              + ", ".join(f"{k} {v}" for k, v in summary["durations_s"].items())]
     for split, content in summary["splits"].items():
         lines.append(f"{split}: {content['samples']} samples in {content['shards']} shards "

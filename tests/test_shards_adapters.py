@@ -156,7 +156,8 @@ def test_egogesture_reads_the_five_part_images_and_names_missing_labels_and_rang
                                                          ("Subject47_Scene1_1_1", "test")]
     assert records[1]["rgb"].endswith("images_320-240_5/Subject47/Scene1/Color/rgb1/*.jpg@2-3")
     (labels / "subject47/Scene1/Group1.csv").write_text("2,4,5\n")
-    assert "Group1.csv line 1: frames 4-5 start after the last frame (3)" in _manifest_error("egogesture", root, tmp_path)
+    output = _manifest_error("egogesture", root, tmp_path)
+    assert "Group1.csv line 1: frames 4-5 start after the last frame (3)" in output
     (labels / "subject47/Scene1/Group1.csv").unlink()
     output = _manifest_error("egogesture", root, tmp_path)
     assert "labels-final-revised1/subject47/Scene1/Group1.csv: label file not found" in output
@@ -314,7 +315,8 @@ def test_the_build_summary_counts_rejected_samples_by_reason(tmp_path):
         {"classes": ["no", "yes"]}, {"key": "a", "split": "train", "label": "yes", "text": "fine"},
         {"key": "b", "split": "train", "label": "no", "note": "missing-1.txt"},
         {"key": "c", "split": "val", "label": "no", "note": "missing-2.txt"}]))
-    result = CliRunner().invoke(shards_group, ["build", str(manifest), "--out", str(tmp_path / "out"), "--workers", "1"])
+    result = CliRunner().invoke(shards_group, ["build", str(manifest), "--out", str(tmp_path / "out"),
+                                               "--workers", "1"])
     assert result.exit_code == 0, result.output
     assert "label type: class, 2 classes (no, yes)" in result.output
     assert "2 rejected, note: " in result.output and "(e.g. b)" in result.output
