@@ -113,11 +113,11 @@ def _export_decoded(name: str, spec: dict, members: dict[str, bytes], stem: Path
             Image.fromarray(frame).save(path)  # uint16 depth is written as a 16-bit PNG
         return paths
     if spec["kind"] == "audio" and spec.get("format") == "flac":
-        path = stem.with_suffix(".decoded.wav")
+        path = stem.with_name(stem.name + ".decoded.wav")  # stem is KEY.NAME: keep NAME
         subprocess.run(["ffmpeg", *QUIET, "-i", "pipe:", str(path)], input=data, check=True, capture_output=True)
         return [path]
     if spec["kind"] == "features":
-        path = stem.with_suffix(".csv")
+        path = stem.with_name(stem.name + ".csv")
         np.savetxt(path, decode_member(data, spec), delimiter=",", fmt="%.6g")
         return [path]
     return []

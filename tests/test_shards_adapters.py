@@ -286,6 +286,9 @@ def test_cmu_mosei_sdk_download_goes_through_build_with_segments_cut_from_the_cs
     assert "train 3, val 1" in built and "label type: regression, dim 1" in built
     stored = np.load(io.BytesIO(_sample(tmp_path / "out", "train", "-iRBcNs9oI8_1")["facet.npy"]))
     assert stored.shape == (30, 35) and stored[0, 0] == pytest.approx(2.0, abs=1e-3)  # 30 Hz frames of 2-3 s
+    _cli("inspect", tmp_path / "out", "--key", "-iRBcNs9oI8_1", "--out", tmp_path / "sample")  # a key starting with -
+    exported = np.loadtxt(tmp_path / "sample/-iRBcNs9oI8_1.facet.csv", delimiter=",")
+    assert exported.shape == (30, 35) and (tmp_path / "sample/-iRBcNs9oI8_1.covarep.csv").exists()
 
 
 def test_cmu_mosei_exported_folders_named_as_the_sdk_names_sequences(tmp_path):
