@@ -7,7 +7,7 @@ setup(
     description="Streaming multimodal shards, DALI loading and DeepSpeed co-training of unimodal branches "
     "with a multimodal Transformer teacher (arXiv 2311.10170).",
     packages=["shards", "pipeline", "model", "ops"],
-    package_data={"ops": ["configs/*.json"]},
+    package_data={"ops": ["configs/*.json"], "shards": ["data/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
@@ -37,6 +37,9 @@ setup(
         # `s3://` shard roots: dataset.json and the DALI-free loader's shards are read with boto3, whose
         # errors say which credential or endpoint is missing (the DALI loader reads shards with DALI's S3 reader).
         "boto3>=1.28",
+        # `shards manifest --format cmu-mosei` reads the CMU-MultimodalSDK's download as it ships: `.csd` files
+        # are HDF5, and h5py is the reader the SDK itself uses (the SDK is not needed).
+        "h5py>=3.8",
     ],
     # `cotrain export --format onnx` writes ONNX with onnx and checks/runs it with onnxruntime; the other formats
     # need neither, so they stay optional.

@@ -161,9 +161,27 @@ def _summary(description: dict, out: Path, *, seconds: float) -> str:
     shards = [shard for split in splits.values() for shard in split["shards"]]
     per_split = ", ".join(f"{name} {split['samples']}" for name, split in splits.items())
     megabytes = sum(shard["bytes"] for shard in shards) / 1e6
-    return (f"Built {sum(split['samples'] for split in splits.values())} samples ({per_split}) into "
-            f"{len(shards)} shards ({megabytes:.1f} MB) in {seconds:.1f} s; {description['rejects']} rejected "
-            f"(see {out / 'rejects.jsonl'}). Dataset description: {out / 'dataset.json'}.")
+    built = (f"Built {sum(split['samples'] for split in splits.values())} samples ({per_split}) into "
+             f"{len(shards)} shards ({megabytes:.1f} MB) in {seconds:.1f} s; {description['rejects']} rejected "
+             f"(see {out / 'rejects.jsonl'}). Dataset description: {out / 'dataset.json'}.")
+    return "\n".join([built, _label_line(description["label"]), _rejected_lines(out / "rejects.jsonl")])
+
+
+def _rejected_lines(rejects_path: Path, *, shown: int = 5) -> str:
+    """Rejected samples counted per modality and reason (its first clause, paths as <file>), with a first key."""
+    import json
+    from collections import Counter
+    lines = rejects_path.read_text(encoding="utf-8").splitlines() if rejects_path.exists() else []
+    counts, examples = Counter(), {}
+    for line in lines:
+        reject = json.loads(line)
+        reason = f"{reject['modality'] or 'sample'}: {re.sub(r'[^ ]*/[^ ]*', '<file>', reject['reason'].split(';')[0])}"
+        counts[reason] += 1
+        examples.setdefault(reason, reject["key"])
+    summary = [f"{count} rejected, {reason} (e.g. {examples[reason]})" for reason, count in counts.most_common(shown)]
+    if len(counts) > shown:
+        summary.append(f"... and {len(counts) - shown} other reasons in {rejects_path}")
+    return _skipped_lines(summary)
 
 
 @shards_group.command("verify")
@@ -219,13 +237,55 @@ def merge_command(parts: tuple[Path, ...], out: Path) -> None:
 @click.option("--format", "dataset", type=click.Choice(["egogesture", "nvgesture", "ravdess", "cmu-mosei"]),
               required=True, help="The dataset whose publisher's layout ROOT holds.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
-def manifest_command(root: Path, dataset: str, out: Path) -> None:
-    """Write a manifest (with the dataset's standard split) for the dataset under ROOT."""
-    from collections import Counter
+@click.option("--list", "lists", multiple=True, metavar="SPLIT=FILE",
+              help="nvgesture: read SPLIT's samples from FILE (relative to ROOT) instead of the publisher's "
+                   "nvgesture_{train,test}_correct_cvpr2016_v2.lst; repeatable.")
+def manifest_command(root: Path, dataset: str, out: Path, lists: tuple[str, ...]) -> None:
+    """Write a manifest (with the dataset's standard split and classes) for the dataset under ROOT, and say
+    what was skipped or clamped."""
     from shards.adapters import AdapterError, write_manifest
+    from shards.manifest import read_manifest
     try:
-        records = write_manifest(dataset, root, out)
-    except AdapterError as error:
+        result = write_manifest(dataset, root, out, lists=_parse_lists(lists))
+        label = read_manifest(out).label
+    except (AdapterError, ManifestError) as error:
         raise click.ClickException(str(error)) from None
-    splits = Counter(record["split"] for record in records)
-    click.echo(f"Wrote {len(records)} samples ({', '.join(f'{k} {v}' for k, v in splits.items())}) to {out}.")
+    splits = _split_counts(record["split"] for record in result.records)
+    click.echo(f"Wrote {len(result.records)} samples ({splits}) to {out}.")
+    click.echo(_label_line(label))
+    click.echo(_skipped_lines(result.report.lines()))
+
+
+def _parse_lists(lists: tuple[str, ...]) -> dict[str, str]:
+    chosen = {}
+    for item in lists:
+        split, separator, name = item.partition("=")
+        if not separator or not split or not name:
+            raise click.BadParameter(f"{item!r} is not SPLIT=FILE, e.g. "
+                                     f"train=nvgesture_arm_train_correct_cvpr2016_v2.lst.", param_hint="--list")
+        chosen[split] = name
+    return chosen
+
+
+def _split_counts(splits) -> str:
+    """"train 3, val 1, test 1": the conventional splits first, then the others in order of appearance."""
+    from collections import Counter
+    counts = Counter(splits)
+    order = {name: rank for rank, name in enumerate(("train", "val", "test"))}
+    ranked = sorted(counts, key=lambda name: order.get(name, len(order)))
+    return ", ".join(f"{name} {counts[name]}" for name in ranked)
+
+
+def _label_line(label: dict) -> str:
+    """The label type, and the class count with the class names when there are names."""
+    if label["type"] == "regression":
+        return f"label type: regression, dim {label['dim']}"
+    names = label.get("names")
+    shown = f" ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ""
+    return f"label type: {label['type']}, {label['num_classes']} classes{shown}"
+
+
+def _skipped_lines(lines: list[str]) -> str:
+    if not lines:
+        return "skipped or clamped: nothing"
+    return "skipped or clamped:\n" + "\n".join(f"  {line}" for line in lines)

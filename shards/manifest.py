@@ -116,14 +116,34 @@ def read_manifest(path: Path | str, *, modality_kinds: dict[str, str] | None = N
     if label_type is not None and label_type not in LABEL_TYPES:
         raise ManifestError(f"--label-type {label_type}: unknown; use one of {', '.join(LABEL_TYPES)}.")
     records = list(_read_csv(path) if path.suffix.lower() == ".csv" else _read_json_lines(path))
+    classes, records = _declared_classes(records)
     if not records:
         raise ManifestError(f"{path}: the manifest has no samples; add one JSON object per line.")
     kinds = _decide_kinds(records, forced_kinds)
     _check_forced_names_exist(forced_kinds, kinds)
     samples = [_build_sample(line, record, kinds, path.parent) for line, record in records]
     _check_unique_keys(samples)
-    samples, label = encode_labels(samples, label_type=label_type)
+    samples, label = encode_labels(samples, label_type=label_type, classes=classes)
     return Manifest(path=path, samples=samples, kinds=kinds, label=label)
+
+
+def _declared_classes(records: list[tuple[int, dict]]) -> tuple[list[str] | int | None, list[tuple[int, dict]]]:
+    """A first line `{"classes": ["name", ...]}` or `{"classes": N}` declares the classes; the rest are samples.
+
+    The declaration fixes the class count and, for names, each name's id (its position), so a subset of
+    the corpus that misses a class keeps the corpus's classes and ids.
+    """
+    if not records or set(records[0][1]) != {"classes"}:
+        return None, records
+    line, classes = records[0][0], records[0][1]["classes"]
+    valid_count = isinstance(classes, int) and not isinstance(classes, bool) and classes >= 1
+    valid_names = (isinstance(classes, list) and classes and all(isinstance(name, str) and name for name in classes)
+                   and len(set(classes)) == len(classes))
+    if not (valid_count or valid_names):
+        raise ManifestError(f"line {line}: classes {classes!r} is invalid; declare the number of classes "
+                            f'({{"classes": 83}}) or their distinct names in id order ({{"classes": ["neutral", '
+                            f'"calm"]}}).')
+    return classes, records[1:]
 
 
 def _read_csv(path: Path):
@@ -336,20 +356,24 @@ ACCEPTED_SHAPES = {
 }
 
 
-def encode_labels(samples: list[ManifestSample], *, label_type: str | None = None
-                  ) -> tuple[list[ManifestSample], dict]:
+def encode_labels(samples: list[ManifestSample], *, label_type: str | None = None,
+                  classes: list[str] | int | None = None) -> tuple[list[ManifestSample], dict]:
     """Check every label against one label type and encode it (names -> ids); return the label spec.
 
     Inference: ints -> class; names -> class (ids in sorted-name order); any float -> regression;
     lists of ids or names -> multilabel; lists with a float -> regression vectors. Lists of ints are
-    multilabel unless `label_type="regression"`.
+    multilabel unless `label_type="regression"`. Declared `classes` (a count, or names in id order) fix
+    the class count and the names' ids; without them the count is the largest id + 1.
     """
     shapes = [(_label_shape(sample.label, sample.line), sample) for sample in samples]
     chosen = label_type or _infer_label_type(shapes)
     group = _accepted_group(chosen, shapes)
     if chosen == "regression":
+        if classes is not None:
+            raise ManifestError(f"line 1: the manifest declares classes, but its labels are regression "
+                                f"targets; remove the classes line or give class labels.")
         return _encode_regression(samples)
-    return _encode_classes(samples, multilabel=chosen == "multilabel", by_name=group == 1)
+    return _encode_classes(samples, multilabel=chosen == "multilabel", by_name=group == 1, classes=classes)
 
 
 def _infer_label_type(shapes: list[tuple[str, ManifestSample]]) -> str:
@@ -386,22 +410,39 @@ _LABEL_HELP = {"class": "give every line an integer class >= 0, or every line a 
                "multilabel": "give every line a list of class ids >= 0, or every line a list of class names"}
 
 
-def _encode_classes(samples: list[ManifestSample], *, multilabel: bool, by_name: bool
-                    ) -> tuple[list[ManifestSample], dict]:
+def _encode_classes(samples: list[ManifestSample], *, multilabel: bool, by_name: bool,
+                    classes: list[str] | int | None = None) -> tuple[list[ManifestSample], dict]:
     as_list = (lambda label: list(label)) if multilabel else (lambda label: [label])
-    names = sorted({item for sample in samples for item in as_list(sample.label)}) if by_name else None
+    if by_name and isinstance(classes, int):
+        raise ManifestError(f"line 1: the manifest declares {classes} classes by number, but its labels are "
+                            f"class names; declare the names in id order instead, e.g. {{\"classes\": [...]}}.")
+    names = classes if isinstance(classes, list) else None
+    if by_name and names is None:
+        names = sorted({item for sample in samples for item in as_list(sample.label)})
     ids = {name: index for index, name in enumerate(names or [])}
+    declared = len(names) if classes is not None and names is not None else classes
     encoded = []
     for sample in samples:
-        items = [ids[item] for item in as_list(sample.label)] if by_name else as_list(sample.label)
-        if any(item < 0 for item in items):
+        items = [_class_id(item, ids, sample, declared) for item in as_list(sample.label)] if by_name \
+            else as_list(sample.label)
+        if any(item < 0 or (declared is not None and item >= declared) for item in items):
+            limit = f" below the {declared} declared classes" if declared is not None else ""
             raise ManifestError(f"line {sample.line}: label {sample.label!r} is invalid; class ids are "
-                                f"integers >= 0.")
+                                f"integers >= 0{limit}.")
         label = sorted(set(items)) if multilabel else items[0]
         encoded.append(_with_label(sample, label))
-    count = len(names) if by_name else 1 + max((i for s in encoded for i in as_list(s.label)), default=-1)
+    count = declared if declared is not None else (
+        len(names) if by_name else 1 + max((i for s in encoded for i in as_list(s.label)), default=-1))
     kind = "multilabel" if multilabel else "class"
     return encoded, {"type": kind, "num_classes": max(count, 1), "names": names}
+
+
+def _class_id(name: str, ids: dict[str, int], sample: ManifestSample, declared: int | None) -> int:
+    if name not in ids:
+        assert declared is not None, "undeclared names are collected from the samples themselves"
+        raise ManifestError(f"line {sample.line}: label {name!r} is not one of the declared classes "
+                            f"({', '.join(ids)}); fix the label or add it to the classes line.")
+    return ids[name]
 
 
 def _encode_regression(samples: list[ManifestSample]) -> tuple[list[ManifestSample], dict]:

@@ -32,7 +32,7 @@ def summarize_shards(folder: Path | str) -> dict:
                          "labels": _label_summary(labels, dataset["label"]),
                          "coverage": {name: present[name] for name in dataset["modalities"]}}
     return {"splits": splits, "durations_s": _durations(dataset["modalities"]), "rejects": dataset["rejects"],
-            "label_type": dataset["label"]["type"]}
+            "label_type": dataset["label"]["type"], "num_classes": dataset["label"].get("num_classes")}
 
 
 def _label_summary(labels: list, spec: dict) -> dict:
@@ -60,7 +60,8 @@ def _durations(modalities: dict) -> dict:
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"label type: {summary['label_type']}; rejects: {summary['rejects']}; stored durations (s): "
+    classes = f", {summary['num_classes']} classes" if summary.get("num_classes") else ""
+    lines = [f"label type: {summary['label_type']}{classes}; rejects: {summary['rejects']}; stored durations (s): "
              + ", ".join(f"{k} {v}" for k, v in summary["durations_s"].items())]
     for split, content in summary["splits"].items():
         lines.append(f"{split}: {content['samples']} samples in {content['shards']} shards "
@@ -112,11 +113,11 @@ def _export_decoded(name: str, spec: dict, members: dict[str, bytes], stem: Path
             Image.fromarray(frame).save(path)  # uint16 depth is written as a 16-bit PNG
         return paths
     if spec["kind"] == "audio" and spec.get("format") == "flac":
-        path = stem.with_suffix(".decoded.wav")
+        path = stem.with_name(stem.name + ".decoded.wav")  # stem is KEY.NAME: keep NAME
         subprocess.run(["ffmpeg", *QUIET, "-i", "pipe:", str(path)], input=data, check=True, capture_output=True)
         return [path]
     if spec["kind"] == "features":
-        path = stem.with_suffix(".csv")
+        path = stem.with_name(stem.name + ".csv")
         np.savetxt(path, decode_member(data, spec), delimiter=",", fmt="%.6g")
         return [path]
     return []

@@ -32,6 +32,34 @@ def test_integer_classes_count_up_to_the_largest_id(tmp_path):
     assert manifest.label == {"type": "class", "num_classes": 5, "names": None} and _labels(manifest) == [4, 0]
 
 
+def test_declared_classes_fix_the_count_and_the_ids_whatever_labels_a_subset_holds(tmp_path):
+    counted = read_manifest(_jsonl(tmp_path / "c.jsonl", [
+        {"classes": 83}, {"key": "a", "split": "train", "label": 4, "text": "x"}]))
+    assert counted.label == {"type": "class", "num_classes": 83, "names": None} and _labels(counted) == [4]
+    named = read_manifest(_jsonl(tmp_path / "n.jsonl", [
+        {"classes": ["neutral", "calm", "happy"]}, {"key": "a", "split": "train", "label": "happy", "text": "x"},
+        {"key": "b", "split": "val", "label": "neutral", "text": "y"}]))
+    assert named.label == {"type": "class", "num_classes": 3, "names": ["neutral", "calm", "happy"]}
+    assert _labels(named) == [2, 0] and named.samples[0].line == 2
+    multi = read_manifest(_jsonl(tmp_path / "m.jsonl", [
+        {"classes": ["a", "b", "c"]}, {"key": "a", "split": "train", "label": [0, 1], "text": "x"}]))
+    assert multi.label == {"type": "multilabel", "num_classes": 3, "names": ["a", "b", "c"]}
+
+
+@pytest.mark.parametrize("classes,label,message", [
+    (5, 5, "line 2: label 5 is invalid; class ids are integers >= 0 below the 5 declared classes"),
+    (["sad", "happy"], "angry", "line 2: label 'angry' is not one of the declared classes \\(sad, happy\\)"),
+    (2, "happy", "declares 2 classes by number, but its labels are class names"),
+    (3, 0.5, "declares classes, but its labels are regression targets"),
+    (0, 1, "line 1: classes 0 is invalid"),
+    (["a", "a"], "a", "line 1: classes \\['a', 'a'\\] is invalid; declare the number of classes"),
+])
+def test_labels_outside_the_declared_classes_name_the_line(tmp_path, classes, label, message):
+    path = _jsonl(tmp_path / "m.jsonl", [{"classes": classes}, {"key": "a", "split": "train", "label": label, "text": "x"}])
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(path)
+
+
 def test_floats_are_regression_and_ints_among_them_become_floats(tmp_path):
     manifest = read_manifest(_jsonl(tmp_path / "m.jsonl", [
         {"key": "a", "split": "train", "label": -2.5, "text": "x"}, {"key": "b", "split": "train", "label": 3, "text": "y"}]))

@@ -53,6 +53,7 @@ def test_inspect_counts_splits_classes_and_coverage(shards_with_gaps):
     coverage = next(line for line in result.output.splitlines() if line.strip().startswith("coverage: rgb"))
     assert result.exit_code == 0 and {"rgb 22/22", "audio 21/22", "text 21/22"} == set(
         coverage.split(": ", 1)[1].split(", "))
+    assert result.output.startswith("label type: class, 6 classes; rejects: 0")
 
 
 def test_inspect_key_writes_decoded_frames(tiny_shards, tmp_path):
