@@ -17,6 +17,9 @@ from .ship import export_cmd, predict_cmd
               help="Set by the deepspeed launcher, which puts it before the subcommand; LOCAL_RANK is read instead.")
 def main(local_rank: int | None) -> None:
     """Co-train unimodal branches with a multimodal Transformer teacher (arXiv 2311.10170)."""
+    from .quiet import silence_deepspeed_noise
+
+    silence_deepspeed_noise()
 
 
 main.add_command(shards_group, name="shards")
@@ -151,29 +154,48 @@ def resolve_run_config(preset, config_file, assignments, values: dict):
 
 @main.command("train")
 @run_options
+@click.option("--overwrite", is_flag=True,
+              help="--out holds an earlier run: delete that run's files first (without it, such a folder is "
+                   "refused, so old scores never sit beside a new model).")
 @click.option("--resume", "resume_run", type=click.Path(file_okay=False), default=None,
               help="Continue RUN from its latest checkpoint, with RUN/config.json (other options then only "
                    "change metrics and checkpointing).")
+@click.option("--restart", is_flag=True,
+              help="With --resume: a run without a checkpoint is trained again from scratch (refused otherwise).")
 @click.option("--allow-reshard", is_flag=True,
               help="Resume on a different world size (or changed data settings): the data position restarts "
                    "at the checkpoint's epoch.")
-def train_cmd(preset, config_file, assignments, resume_run, allow_reshard, **values) -> None:
-    """Train a run: co-trained (default), one unimodal baseline, or the multimodal baseline."""
+@click.option("--allow-new-shards", is_flag=True,
+              help="Resume on shards other than the build the run started on (refused otherwise).")
+def train_cmd(preset, config_file, assignments, overwrite, resume_run, restart, allow_reshard, allow_new_shards,
+              **values) -> None:
+    """Train a run: co-trained (default), one unimodal baseline, or the multimodal baseline.
+
+    \b
+    Example:
+      cotrain train --shards shards/ --out runs/cotrain-s0 --preset quick
+    """
+    from .checkpoint import CheckpointError
+    from .run_folder import RunFinished, RunFolderError, check_new_run
     from .train import train
 
     try:
         if resume_run:
-            cfg = _resume_config(resume_run, values, assignments)
+            cfg = _resume_config(resume_run, values, assignments, restart=restart, allow_new_shards=allow_new_shards)
         else:
             cfg = resolve_run_config(preset, config_file, assignments, values)
+            check_new_run(Path(cfg.out), overwrite=overwrite)
         train(cfg, resume=bool(resume_run), allow_reshard=allow_reshard)
-    except (ValueError, FileNotFoundError) as err:
+    except RunFinished as done:
+        click.echo(str(done))
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
         raise click.ClickException(str(err)) from err
 
 
-def _resume_config(run: str, values: dict, assignments):
-    """RUN/config.json, with only checkpoint and metrics settings open to change."""
+def _resume_config(run: str, values: dict, assignments, *, restart: bool, allow_new_shards: bool):
+    """RUN/config.json, with only checkpoint and metrics settings open to change, after the resume guards."""
     from .config import resolve_config
+    from .run_folder import check_resumable, check_same_shards, clear_run
 
     saved = Path(run) / "config.json"
     if not saved.is_file():
@@ -183,7 +205,18 @@ def _resume_config(run: str, values: dict, assignments):
     if fixed:
         raise click.ClickException(f"--resume continues {run} with its own config; drop {', '.join(fixed)} "
                                    "(or start a new run with --out)")
-    return resolve_config(file=saved, cli=dict(layer, out=run), assignments=list(assignments))  # shards may move
+    check_resumable(Path(run), restart=restart)
+    cfg = resolve_config(file=saved, cli=dict(layer, out=run), assignments=list(assignments))  # shards may move
+    check_same_shards(Path(run), cfg.shards, allow_new=allow_new_shards)
+    if restart and not _has_checkpoint(run):
+        clear_run(Path(run))  # from scratch: nothing of the earlier attempt may remain beside the new run
+    return cfg
+
+
+def _has_checkpoint(run: str) -> bool:
+    from .checkpoint import latest_tag
+
+    return latest_tag(Path(run)) is not None
 
 
 @main.group("config")
