@@ -9,6 +9,7 @@ import click
 
 from shards.build import BuildError, build_shards
 from shards.manifest import ManifestError
+from shards.out_folder import OutFolderError
 from shards.manifest import LABEL_TYPES
 from shards.transcode import AUDIO_FORMATS, FRAME_POLICIES, RESIZE_POLICIES, VIDEO_CODECS
 
@@ -81,6 +82,9 @@ def synth_command(task: str, out: Path, count: int, seed: int, classes: int | No
 @click.option("--max-reject-fraction", type=click.FloatRange(0, 1), default=1.0, show_default=True,
               help="Fail the build when more than this fraction of samples is rejected.")
 @click.option("--resume", is_flag=True, help="Keep the finished shards of an interrupted build and do the rest.")
+@click.option("--overwrite", is_flag=True,
+              help="Build into --out although it holds other files or a build of other inputs (without it, "
+                   "such a folder is refused). Only the build's own files are replaced; others are kept.")
 @click.option("--part", metavar="I/N", default=None, help="Build only part I of N (0-based); see `merge`.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the within-split shuffle.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Conversion processes.")
@@ -99,7 +103,7 @@ def build_command(manifest: Path, out: Path, modalities: tuple[str, ...], size: 
         description = build_shards(manifest, out=out, modality_kinds=_parse_modalities(modalities),
                                    height=height, width=width, fps=_whole_if_integral(fps),
                                    part=_parse_part(part), observer=observer, **options)
-    except (ManifestError, BuildError) as error:
+    except (ManifestError, BuildError, OutFolderError) as error:
         raise click.ClickException(str(error)) from None
     finally:
         if observer is not None:

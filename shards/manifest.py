@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shards.label_rules import check_class_count, check_number_mix
+
 __all__ = [
     "AUDIO_EXTENSIONS",
     "IMAGE_EXTENSIONS",
@@ -128,7 +130,7 @@ def read_manifest(path: Path | str, *, modality_kinds: dict[str, str] | None = N
 
 def _read_csv(path: Path):
     """Yield (line number, object) per CSV row; empty cells are null, labels parsed by `_csv_label`."""
-    with open(path, encoding="utf-8", newline="") as rows:
+    with open(path, encoding="utf-8-sig", newline="") as rows:  # -sig: spreadsheets write a BOM
         reader = csv.reader(rows)
         header = next(reader, None)
         if header is None:
@@ -177,7 +179,7 @@ def _check_forced_names_exist(forced_kinds: dict[str, str], kinds: dict[str, str
 
 def _read_json_lines(path: Path):
     """Yield (line number, object) for each non-blank line."""
-    with open(path, encoding="utf-8") as lines:
+    with open(path, encoding="utf-8-sig") as lines:  # -sig: a byte-order mark is not part of line 1
         for number, text in enumerate(lines, start=1):
             if not text.strip():
                 continue
@@ -345,6 +347,7 @@ def encode_labels(samples: list[ManifestSample], *, label_type: str | None = Non
     multilabel unless `label_type="regression"`.
     """
     shapes = [(_label_shape(sample.label, sample.line), sample) for sample in samples]
+    check_number_mix(shapes, label_type)
     chosen = label_type or _infer_label_type(shapes)
     group = _accepted_group(chosen, shapes)
     if chosen == "regression":
@@ -400,6 +403,7 @@ def _encode_classes(samples: list[ManifestSample], *, multilabel: bool, by_name:
         label = sorted(set(items)) if multilabel else items[0]
         encoded.append(_with_label(sample, label))
     count = len(names) if by_name else 1 + max((i for s in encoded for i in as_list(s.label)), default=-1)
+    check_class_count(encoded, count, multilabel=multilabel)
     kind = "multilabel" if multilabel else "class"
     return encoded, {"type": kind, "num_classes": max(count, 1), "names": names}
 
