@@ -250,7 +250,19 @@ def read_config_file(path: str | Path) -> dict:
                          f"{err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of config keys, got {type(data).__name__}")
-    return data
+    return _run_part(data)
+
+
+SHOW_PLACEHOLDERS = {"shards": "SHARDS", "out": "RUN"}
+"""What `cotrain config show` prints for --shards and --out when they are not given."""
+
+
+def _run_part(data: dict) -> dict:
+    """The run config of `cotrain config show --json` output ({run, deepspeed}), without its placeholders; any
+    other mapping as it is. The DeepSpeed part is derived from the run config, so it is not read back."""
+    if "run" not in data or not set(data) <= {"run", "deepspeed"} or not isinstance(data["run"], dict):
+        return data
+    return {k: v for k, v in data["run"].items() if SHOW_PLACEHOLDERS.get(k) != v}
 
 
 def _coerce(text: str, current):

@@ -122,3 +122,21 @@ def test_overwrite_clears_the_old_run_and_a_run_listens_on_loopback_only_without
     assert not (run / "eval-test.json").exists() and not (run / "plots").exists()
     assert (run / "model.pt").is_file() and (run / "notes.txt").read_text() == "mine"
 
+
+
+def test_eval_on_incompatible_shards_names_what_differs(finished_run, tiny_shards, tmp_path):
+    other = tmp_path / "other-shards"
+    shutil.copytree(tiny_shards, other)
+    description = json.loads((other / "dataset.json").read_text())
+    description["label"]["num_classes"] = 3
+    description["modalities"]["rgb"]["frames"] += 2
+    (other / "dataset.json").write_text(json.dumps(description))
+    result = _invoke("eval", "--run", finished_run, "--shards", other)
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "classes: the run has 6, the shards 3" in result.output and "rgb.frames" in result.output
+    description["label"] = {"type": "regression", "dim": 1}
+    del description["modalities"]["audio"]
+    (other / "dataset.json").write_text(json.dumps(description))
+    result = _invoke("eval", "--run", finished_run, "--shards", other)
+    assert "task: the run is class, the shards are regression" in result.output
+    assert "modality audio: the run reads it, the shards lack it" in result.output
