@@ -40,6 +40,9 @@ setup(
         # `shards manifest --format cmu-mosei` reads the CMU-MultimodalSDK's download as it ships: `.csd` files
         # are HDF5, and h5py is the reader the SDK itself uses (the SDK is not needed).
         "h5py>=3.8",
+        # Finds the loopback interface's name for gloo/NCCL on single-node runs (ops/rendezvous.py), and lets
+        # the tests see which addresses a training process listens on; DeepSpeed already depends on it.
+        "psutil>=5.9",
     ],
     # `cotrain export --format onnx` writes ONNX with onnx and checks/runs it with onnxruntime; the other formats
     # need neither, so they stay optional.

@@ -79,7 +79,7 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def save_checkpoint(engine, run: Path, *, step: int, rank: int, world_size: int, config_hash: str,
-                    rank_state: dict, keep: int) -> str:
+                    rank_state: dict, keep: int, config: dict | None = None) -> str:
     """Every rank calls this at the same step. Returns the tag; `latest` moves only once it is complete."""
     root = Path(run) / CHECKPOINT_DIR
     tag = f"step-{step:08d}"
@@ -87,7 +87,8 @@ def save_checkpoint(engine, run: Path, *, step: int, rank: int, world_size: int,
     _atomic_write(root / tag / f"rank-{rank}.pt", _to_bytes(dict(rank_state, rng=rng_state())))
     _barrier()  # every rank's files are on disk before the checkpoint is declared complete
     if rank == 0:
-        meta = {"format": FORMAT_VERSION, "step": step, "world_size": world_size, "config_hash": config_hash}
+        meta = {"format": FORMAT_VERSION, "step": step, "world_size": world_size, "config_hash": config_hash,
+                "config": config}
         _atomic_write(root / tag / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
         _atomic_write(root / "latest", (tag + "\n").encode())
         _prune(root, keep)
@@ -103,7 +104,8 @@ def _to_bytes(obj) -> bytes:
     return buffer.getvalue()
 
 
-def _check_meta(meta: dict, where: Path, *, world_size: int, config_hash: str, allow_reshard: bool) -> bool:
+def _check_meta(meta: dict, where: Path, *, world_size: int, config_hash: str, allow_reshard: bool,
+                config: dict | None = None) -> bool:
     """Whether the per-rank data positions can be restored; raise where resuming would be wrong."""
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{where} has checkpoint format {meta.get('format')}, this cotrain reads "
@@ -112,17 +114,27 @@ def _check_meta(meta: dict, where: Path, *, world_size: int, config_hash: str, a
     if same_world and same_config:
         return True
     what = (f"world size {meta['world_size']} -> {world_size}" if not same_world else
-            f"config hash {meta['config_hash']} -> {config_hash}")
+            _config_changes(meta, config_hash, config))
     if not allow_reshard:
         raise CheckpointError(f"{where} was saved with a different setup ({what}); resume with the same number "
-                              "of ranks and config, or pass --allow-reshard to restart the data position "
-                              "at the checkpoint's epoch")
+                              "of ranks and config (undo those changes in --set or the run's config.json), or "
+                              "pass --allow-reshard to restart the data position at the checkpoint's epoch")
     print(f"warning: resuming {where} with {what}: --allow-reshard restarts the data position", flush=True)
     return False
 
 
+def _config_changes(meta: dict, config_hash: str, config: dict | None) -> str:
+    """The config keys that differ from the checkpoint's ("key: old -> new"), or the two hashes when the
+    checkpoint predates saving its config."""
+    from .config import config_differences
+
+    if meta.get("config") is None or config is None:
+        return f"config hash {meta['config_hash']} -> {config_hash}"
+    return "config changed: " + "; ".join(config_differences(meta["config"], config))
+
+
 def load_checkpoint(engine, run: Path, *, rank: int, world_size: int, config_hash: str,
-                    allow_reshard: bool = False) -> tuple[dict, bool] | None:
+                    allow_reshard: bool = False, config: dict | None = None) -> tuple[dict, bool] | None:
     """(this rank's saved state, whether its data position is valid here), or None when RUN has no
     complete checkpoint. Restores weights, optimizer, scheduler and this rank's RNG states."""
     root = Path(run) / CHECKPOINT_DIR
@@ -135,7 +147,7 @@ def load_checkpoint(engine, run: Path, *, rank: int, world_size: int, config_has
         raise CheckpointError(f"{where} is incomplete (no meta.json) although `latest` names it; "
                               f"point {root / 'latest'} at an older complete checkpoint: {_complete_tags(root)}")
     exact = _check_meta(json.loads(meta_path.read_text()), where, world_size=world_size, config_hash=config_hash,
-                        allow_reshard=allow_reshard)
+                        allow_reshard=allow_reshard, config=config)
     path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {where}; its files may be damaged")

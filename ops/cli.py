@@ -1,22 +1,58 @@
 """The `cotrain` console command: one click group collecting every package's subcommands."""
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from shards.cli import shards_group
+from shards.cli import OldSpellings, shards_group
 
 from .ship import export_cmd, predict_cmd
 
 
+class PresetChoice(click.Choice):
+    """The preset names, looked up only when needed (they live with the model, which imports torch)."""
+
+    def __init__(self):
+        super().__init__([])
+
+    @property
+    def choices(self):
+        from .presets import PRESETS
+
+        return tuple(sorted(PRESETS))
+
+    @choices.setter
+    def choices(self, value):  # click.Choice.__init__ assigns; the names come from PRESETS instead
+        pass
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cotrain")
+    except PackageNotFoundError:
+        return "unknown (not installed; run `pip install -e .`)"
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version=_version(), prog_name="cotrain", message="%(prog)s %(version)s")
 @click.option("--local_rank", "--local-rank", "local_rank", type=int, default=None, hidden=True,
               help="Set by the deepspeed launcher, which puts it before the subcommand; LOCAL_RANK is read instead.")
 def main(local_rank: int | None) -> None:
-    """Co-train unimodal branches with a multimodal Transformer teacher (arXiv 2311.10170)."""
+    """Co-train unimodal branches with a multimodal Transformer teacher (arXiv 2311.10170).
+
+    \b
+    Example:
+      cotrain demo --count 300 --epochs 4 --seeds 0
+    """
+    from .quiet import silence_deepspeed_noise
+
+    silence_deepspeed_noise()
 
 
 main.add_command(shards_group, name="shards")
@@ -94,7 +130,7 @@ RUN_OPTIONS = {
     "on-corrupt": (dict(type=click.Choice(["skip", "fail"]), help="A shard sample that cannot be read: fail the "
                                                                    "run, or skip it (counted, logged). [default: fail]"),
                    "loader.on_corrupt"),
-    "metrics-port": (dict(type=int, help="Prometheus port of local rank 0 (rank r uses port + r); 0 turns it "
+    "metrics-port": (dict(type=click.IntRange(0, 65535), help="Prometheus port of local rank 0 (rank r uses port + r); 0 turns it "
                                          "off. [default: 9400]"), "metrics.port"),
     "metrics-host": (dict(help="Address the exporter binds. [default: 127.0.0.1]"), "metrics.host"),
     "metrics-targets": (dict(help="Folder where each rank writes its Prometheus file_sd target (shared by the "
@@ -115,7 +151,8 @@ def run_options(command):
                            help="Any config value, e.g. --set optim.lr=1e-3 (after every other option).")(command)
     command = click.option("--config", "config_file", type=click.Path(dir_okay=False),
                            help="A JSON or YAML file with any subset of RUN/config.json's keys.")(command)
-    return click.option("--preset", default=None, help="A named preset (see `cotrain config presets`).")(command)
+    return click.option("--preset", type=PresetChoice(), default=None,
+                        help="A named preset (see `cotrain config presets`).")(command)
 
 
 def _cli_layer(values: dict) -> dict:
@@ -151,29 +188,48 @@ def resolve_run_config(preset, config_file, assignments, values: dict):
 
 @main.command("train")
 @run_options
+@click.option("--overwrite", is_flag=True,
+              help="--out holds an earlier run: delete that run's files first (without it, such a folder is "
+                   "refused, so old scores never sit beside a new model).")
 @click.option("--resume", "resume_run", type=click.Path(file_okay=False), default=None,
               help="Continue RUN from its latest checkpoint, with RUN/config.json (other options then only "
                    "change metrics and checkpointing).")
+@click.option("--restart", is_flag=True,
+              help="With --resume: a run without a checkpoint is trained again from scratch (refused otherwise).")
 @click.option("--allow-reshard", is_flag=True,
               help="Resume on a different world size (or changed data settings): the data position restarts "
                    "at the checkpoint's epoch.")
-def train_cmd(preset, config_file, assignments, resume_run, allow_reshard, **values) -> None:
-    """Train a run: co-trained (default), one unimodal baseline, or the multimodal baseline."""
+@click.option("--allow-new-shards", is_flag=True,
+              help="Resume on shards other than the build the run started on (refused otherwise).")
+def train_cmd(preset, config_file, assignments, overwrite, resume_run, restart, allow_reshard, allow_new_shards,
+              **values) -> None:
+    """Train a run: co-trained (default), one unimodal baseline, or the multimodal baseline.
+
+    \b
+    Example:
+      cotrain train --shards shards/ --out runs/cotrain-s0 --preset quick
+    """
+    from .checkpoint import CheckpointError
+    from .run_folder import RunFinished, RunFolderError, check_new_run
     from .train import train
 
     try:
         if resume_run:
-            cfg = _resume_config(resume_run, values, assignments)
+            cfg = _resume_config(resume_run, values, assignments, restart=restart, allow_new_shards=allow_new_shards)
         else:
             cfg = resolve_run_config(preset, config_file, assignments, values)
+            check_new_run(Path(cfg.out), overwrite=overwrite)
         train(cfg, resume=bool(resume_run), allow_reshard=allow_reshard)
-    except (ValueError, FileNotFoundError) as err:
+    except RunFinished as done:
+        click.echo(str(done))
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
         raise click.ClickException(str(err)) from err
 
 
-def _resume_config(run: str, values: dict, assignments):
-    """RUN/config.json, with only checkpoint and metrics settings open to change."""
+def _resume_config(run: str, values: dict, assignments, *, restart: bool, allow_new_shards: bool):
+    """RUN/config.json, with only checkpoint and metrics settings open to change, after the resume guards."""
     from .config import resolve_config
+    from .run_folder import check_resumable, check_same_shards, clear_run
 
     saved = Path(run) / "config.json"
     if not saved.is_file():
@@ -183,24 +239,47 @@ def _resume_config(run: str, values: dict, assignments):
     if fixed:
         raise click.ClickException(f"--resume continues {run} with its own config; drop {', '.join(fixed)} "
                                    "(or start a new run with --out)")
-    return resolve_config(file=saved, cli=dict(layer, out=run), assignments=list(assignments))  # shards may move
+    check_resumable(Path(run), restart=restart)
+    cfg = resolve_config(file=saved, cli=dict(layer, out=run), assignments=list(assignments))  # shards may move
+    check_same_shards(Path(run), cfg.shards, allow_new=allow_new_shards)
+    if restart and not _has_checkpoint(run):
+        clear_run(Path(run))  # from scratch: nothing of the earlier attempt may remain beside the new run
+    return cfg
+
+
+def _has_checkpoint(run: str) -> bool:
+    from .checkpoint import latest_tag
+
+    return latest_tag(Path(run)) is not None
 
 
 @main.group("config")
 def config_group() -> None:
-    """Inspect run configs."""
+    """Inspect run configs.
+
+    \b
+    Example:
+      cotrain config show --preset emotion --json > run.json
+    """
 
 
 @config_group.command("show")
 @run_options
 @click.option("--json", "as_json", is_flag=True, help="One JSON object {run, deepspeed} instead of two blocks.")
 def config_show_cmd(preset, config_file, assignments, as_json, **values) -> None:
-    """Print the resolved run config and the DeepSpeed JSON derived from it (placeholders for --shards/--out)."""
-    from .config import deepspeed_config
+    """Print the resolved run config and the DeepSpeed JSON derived from it (placeholders for --shards/--out).
+
+    The --json output is itself a valid --config file (its "deepspeed" part is derived, so it is ignored).
+
+    \b
+    Example:
+      cotrain config show --preset emotion --set optim.lr=1e-3 --json > run.json
+    """
+    from .config import SHOW_PLACEHOLDERS, deepspeed_config
 
     values = {k: v for k, v in values.items()}
-    values["shards"] = values.get("shards") or "SHARDS"
-    values["out"] = values.get("out") or "RUN"
+    values["shards"] = values.get("shards") or SHOW_PLACEHOLDERS["shards"]
+    values["out"] = values.get("out") or SHOW_PLACEHOLDERS["out"]
     cfg = resolve_run_config(preset, config_file, assignments, values)
     ds = deepspeed_config(cfg, total_steps=1000, bf16=False)
     if as_json:
@@ -213,7 +292,12 @@ def config_show_cmd(preset, config_file, assignments, as_json, **values) -> None
 
 @config_group.command("presets")
 def config_presets_cmd() -> None:
-    """List the named presets and what each sets."""
+    """List the named presets and what each sets.
+
+    \b
+    Example:
+      cotrain config presets
+    """
     from .presets import PRESETS
 
     for name, layer in PRESETS.items():
@@ -223,12 +307,18 @@ def config_presets_cmd() -> None:
 @main.command("eval")
 @click.option("--run", required=True, type=click.Path(file_okay=False, exists=True), help="A trained run directory.")
 @click.option("--split", default="test", show_default=True)
-@click.option("--shards", "shards_dir", default=None, help="Shard directory (default: the one the run trained on).")
+@click.option("--shards", "shards_dir", default=None, type=click.Path(file_okay=False, exists=True),
+              help="Shard directory (default: the one the run trained on).")
 @click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="Each branch's best-validation weights, or the final weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON instead of the table.")
 def eval_cmd(run, split, shards_dir, which, as_json) -> None:
-    """Score every branch of RUN on a split; writes RUN/eval-<split>.json."""
+    """Score every branch of RUN on a split; writes RUN/eval-<split>.json.
+
+    \b
+    Example:
+      cotrain eval --run runs/cotrain-s0 --split test
+    """
     from .evaluate import evaluate_run, format_scores, print_warning
 
     try:
@@ -245,7 +335,12 @@ def eval_cmd(run, split, shards_dir, which, as_json) -> None:
               help="Folder for report.md, report.json and the plots.")
 @click.option("--split", default="test", show_default=True, help="Split to compare (eval-<split>.json).")
 def report_cmd(runs, out, split) -> None:
-    """Compare runs: each branch trained alone vs co-trained, mean ± std over seeds, with plots."""
+    """Compare runs: each branch trained alone vs co-trained, mean ± std over seeds, with plots.
+
+    \b
+    Example:
+      cotrain report runs/* --out report/
+    """
     from .report import write_report
 
     try:
@@ -268,7 +363,12 @@ def report_cmd(runs, out, split) -> None:
 def experiment_cmd(spec, out, tasks, quick, jobs, report) -> None:
     """Run a grid of baselines, co-training and ablations over seeds; write results.json and a report.
 
-    Resumable: finished runs are skipped, so rerun the same command after an interruption."""
+    Resumable: finished runs are skipped, so rerun the same command after an interruption.
+
+    \b
+    Example:
+      cotrain experiment experiments/paper.yaml --quick --jobs 2
+    """
     from .experiment import run_experiment
 
     if jobs < 1:
@@ -282,14 +382,21 @@ def experiment_cmd(spec, out, tasks, quick, jobs, report) -> None:
 
 @main.command("demo")
 @click.option("--workdir", default="demo-out", show_default=True, type=click.Path(file_okay=False))
-@click.option("--n", type=int, default=600, show_default=True, help="Samples in the synthetic corpus.")
+@click.option("--count", "--n", "n", cls=OldSpellings, old=("--n",), type=click.IntRange(min=1), default=600,
+              show_default=True, help="Samples in the synthetic corpus.")
 @click.option("--epochs", type=int, default=12, show_default=True)
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds; the table shows mean ± std.")
-@click.option("--metrics-port", type=int, default=9400, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=9400, show_default=True,
+              help="Prometheus port of the training runs (0: off).")
 @click.option("--readme", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Also write the tables into this file between its demo-table markers (make readme-demo).")
 def demo_cmd(workdir, n, epochs, seeds, metrics_port, readme) -> None:
-    """Synthesize the built-in corpus, build shards, train baselines and the co-trained model, compare."""
+    """Synthesize the built-in corpus, build shards, train baselines and the co-trained model, compare.
+
+    \b
+    Example:
+      cotrain demo --workdir demo-out --count 300 --epochs 4 --seeds 0
+    """
     from .demo import run_demo
 
     try:
@@ -298,6 +405,19 @@ def demo_cmd(workdir, n, epochs, seeds, metrics_port, readme) -> None:
     except ValueError as err:
         raise click.ClickException(str(err)) from err
 
+
+def _examples_last(command: click.Command) -> None:
+    """Move each docstring's closing "Example:" block into the epilog, so every --help ends with it."""
+    marker = "\b\nExample:"
+    text = inspect.cleandoc(command.help or "")
+    if marker in text:
+        command.help, example = text.split(marker, 1)
+        command.epilog = marker + example
+    for sub in getattr(command, "commands", {}).values():
+        _examples_last(sub)
+
+
+_examples_last(main)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,8 @@ from model.tasks import TaskConfig
 from pipeline.config import LoaderConfig
 
 __all__ = ["OptimConfig", "MetricsConfig", "CheckpointConfig", "RunConfig", "deepspeed_config", "save_config",
-           "load_config", "resolve_config", "parse_assignment", "read_config_file"]
+           "load_config", "resolve_config", "parse_assignment", "read_config_file", "config_hash", "hashed_config",
+           "config_differences"]
 
 
 @dataclass
@@ -143,8 +144,24 @@ class RunConfig:
 def config_hash(cfg: RunConfig) -> str:
     """A hash of what decides the training math: a resume under another hash would not be the same run.
     Where the run lives, how it checkpoints and where it exports metrics are left out."""
-    data = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "metrics", "checkpoint", "shards", "cpu_threads")}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(hashed_config(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def hashed_config(cfg: RunConfig) -> dict:
+    """The part of the config that config_hash covers (saved in each checkpoint to name what changed)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("out", "metrics", "checkpoint", "shards", "cpu_threads")}
+
+
+def config_differences(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts, as "key: old -> new", sorted."""
+    found = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found += config_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            found.append(f"{prefix}{key}: {json.dumps(old)} -> {json.dumps(new)}")
+    return found
 
 
 def deepspeed_config(cfg: RunConfig, *, total_steps: int, bf16: bool) -> dict:
@@ -233,7 +250,19 @@ def read_config_file(path: str | Path) -> dict:
                          f"{err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of config keys, got {type(data).__name__}")
-    return data
+    return _run_part(data)
+
+
+SHOW_PLACEHOLDERS = {"shards": "SHARDS", "out": "RUN"}
+"""What `cotrain config show` prints for --shards and --out when they are not given."""
+
+
+def _run_part(data: dict) -> dict:
+    """The run config of `cotrain config show --json` output ({run, deepspeed}), without its placeholders; any
+    other mapping as it is. The DeepSpeed part is derived from the run config, so it is not read back."""
+    if "run" not in data or not set(data) <= {"run", "deepspeed"} or not isinstance(data["run"], dict):
+        return data
+    return {k: v for k, v in data["run"].items() if SHOW_PLACEHOLDERS.get(k) != v}
 
 
 def _coerce(text: str, current):

@@ -6,6 +6,9 @@ import socket
 
 import torch
 
+from .quiet import silence_deepspeed_noise
+from .rendezvous import init_loopback_group, is_loopback_master
+
 __all__ = ["free_port", "init_distributed", "rank_info", "build_engine", "cpu_threads_per_rank",
            "set_cpu_threads"]
 
@@ -24,6 +27,7 @@ def init_distributed(cpu_threads: int = 0) -> None:
     Without the launcher's variables DeepSpeed would try MPI discovery; a single process
     gets RANK=0, WORLD_SIZE=1 and a free loopback port instead.
     """
+    silence_deepspeed_noise()
     import deepspeed
     import torch.distributed as dist
 
@@ -35,6 +39,9 @@ def init_distributed(cpu_threads: int = 0) -> None:
     set_cpu_threads(cpu_threads)
     if not torch.cuda.is_available():
         _skip_shm_all_reduce()
+    if is_loopback_master():  # one node: no socket of the run may listen beyond this machine
+        from deepspeed.constants import default_pg_timeout
+        init_loopback_group(default_pg_timeout)
     deepspeed.init_distributed(verbose=False)
 
 

@@ -116,6 +116,9 @@ def evaluate_run(run: str | Path, *, split: str = "test", shards: str | None = N
     run = Path(run)
     model, payload = load_run(run)
     info = load_dataset_info(shards or payload["config"]["shards"])
+    if shards:
+        from .shards_match import check_shards_match
+        check_shards_match(payload, info)
     loader = make_loader(info, split, LoaderConfig(**payload["config"]["loader"]),
                          modalities=[s["name"] for s in payload["specs"]], training=False)
     # branches that share weights (all of them with which='last') are scored in one pass

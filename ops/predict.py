@@ -60,19 +60,22 @@ def _convert(kind: str, source: Path, spec: dict) -> bytes:
     return next(iter(members.values()))
 
 
-def preprocess(meta: dict, source: str) -> tuple[torch.Tensor, ...]:
-    """The model's input (a batch of one) for a raw media file, or for text a file or the text itself."""
+def preprocess(meta: dict, source: str, *, literal: bool = False) -> tuple[torch.Tensor, ...]:
+    """The model's input (a batch of one) for a raw media file, or with `literal` for the text `source` itself."""
     from shards.transcode import encode_text, read_text
 
     kind, spec = meta["spec"]["kind"], meta["source"]
-    if kind in ("video", "audio") and not Path(source).is_file():
-        raise FileNotFoundError(f"{source} not found: give a {kind} file (anything ffmpeg reads)")
+    if literal and kind != "text":
+        raise ValueError(f"--text gives text, but this model reads {kind}: give {kind} files instead")
+    if not literal and not Path(source).is_file():
+        hint = "; give literal text with --text" if kind == "text" else ""
+        raise FileNotFoundError(f"{source} not found: give a {kind} file{hint}")
     if kind in ("video", "audio"):
         return (_dali_decode(kind, _convert(kind, Path(source), spec), spec, meta["loader"])[None],)
     if kind == "text":
         from tokenizers import Tokenizer
 
-        text = read_text(Path(source)) if Path(source).is_file() else source
+        text = source if literal else read_text(Path(source))
         _, ids = encode_text(text, tokenizer=Tokenizer.from_str(meta["tokenizer"]), max_tokens=spec["max_tokens"])
         return (torch.from_numpy(np.frombuffer(ids, dtype="<i4").copy())[None],)
     if kind == "features":
@@ -97,7 +100,23 @@ def _describe(meta: dict, outputs: torch.Tensor) -> dict:
     return result
 
 
-def predict_files(model_path: str | Path, sources: list[str]) -> list[dict]:
-    """One result per input: {"input", and the task's outputs}."""
+def predict_files(model_path: str | Path, sources: list[str], texts: list[str] = ()) -> list[dict]:
+    """One result per input, files first then literal texts: {"input", and the task's outputs} or, for an
+    input that could not be predicted, {"input", "error"}; one bad input never costs the others' results."""
     model = ExportedModel(model_path)
-    return [{"input": str(s), **_describe(model.meta, model(*preprocess(model.meta, s)))} for s in sources]
+    return ([_predict_one(model, str(s), literal=False) for s in sources]
+            + [_predict_one(model, t, literal=True) for t in texts])
+
+
+def _predict_one(model: ExportedModel, source: str, *, literal: bool) -> dict:
+    try:
+        return {"input": source, **_describe(model.meta, model(*preprocess(model.meta, source, literal=literal)))}
+    except Exception as err:  # noqa: BLE001 -- a corrupt file fails in ffmpeg, DALI, numpy or the model alike
+        return {"input": source, "error": _one_line(err)}
+
+
+def _one_line(err: Exception) -> str:
+    """The reason in one line: the exception's first non-empty line, prefixed by its type when that says more."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    first = lines[0] if lines else "unreadable"
+    return first if isinstance(err, (ValueError, FileNotFoundError)) else f"{type(err).__name__}: {first}"

@@ -24,9 +24,10 @@ from pipeline.loader import BaseLoader, make_loader
 from pipeline.dataset import load_dataset_info
 
 from .checkpoint import CHECKPOINT_DIR, latest_tag, load_checkpoint, save_checkpoint
-from .config import RunConfig, config_hash, deepspeed_config, save_config
+from .config import RunConfig, config_hash, deepspeed_config, hashed_config, save_config
 from .engine import build_engine, init_distributed, rank_info
 from .evaluate import BEST_DIR, MODEL_FILE, print_warning, score_branches, task_of
+from .run_folder import record_shards
 from .metrics import TrainingMetrics, read_grad_norm, write_scrape_target
 from .scores import is_better, metric_error, primary_metric
 
@@ -116,7 +117,8 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------------------
     def _restore(self, allow_reshard: bool) -> None:
         loaded = load_checkpoint(self.engine, self.out, rank=self.rank, world_size=self.world,
-                                 config_hash=config_hash(self.cfg), allow_reshard=allow_reshard)
+                                 config_hash=config_hash(self.cfg), allow_reshard=allow_reshard,
+                                 config=hashed_config(self.cfg))
         if loaded is None:
             _log(self.rank, f"no checkpoint in {self.out / CHECKPOINT_DIR}: starting from scratch")
             return
@@ -134,6 +136,7 @@ class Trainer:
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
         tag = save_checkpoint(self.engine, self.out, step=self.state.step, rank=self.rank, world_size=self.world,
                               config_hash=config_hash(self.cfg), keep=self.cfg.checkpoint.keep,
+                              config=hashed_config(self.cfg),
                               rank_state={"trainer": dataclasses.asdict(self.state), "loader": loader_state})
         self.metrics.record_checkpoint(time.perf_counter() - started)
         _log(self.rank, f"checkpoint {tag} saved in {time.perf_counter() - started:.1f}s")
@@ -213,7 +216,8 @@ class Trainer:
     def _epoch(self) -> dict[str, float] | None:
         """The rest of the current epoch; the mean of each loss term, or None when stopped by SIGTERM."""
         self.engine.train()
-        sums, count, samples, started = {}, 0, 0, time.perf_counter()
+        # the epoch's loss sums live in the checkpointed state, so a resumed epoch reports the whole epoch
+        sums, samples, started = self.state.epoch_sums, 0, time.perf_counter()
         steps = self.loader.steps_per_epoch
         batches = itertools.islice(self.loader.epoch(), steps - self.state.batch_in_epoch)
         while True:
@@ -234,10 +238,10 @@ class Trainer:
                                          loader_skipped=getattr(self.loader, "skipped", None))
                 for k, v in dict(terms, total=total).items():
                     sums[k] = sums.get(k, 0.0) + v
-                count, samples = count + 1, samples + len(batch)
+                self.state.epoch_count, samples = self.state.epoch_count + 1, samples + len(batch)
             if self._after_step():
                 return None
-        means = {k: v / count for k, v in sums.items()}
+        means = {k: v / self.state.epoch_count for k, v in sums.items()}
         rate = samples * self.world / max(time.perf_counter() - started, 1e-9)
         _log(self.rank, f"epoch {self.state.epoch + 1}/{self.cfg.epochs}  loss {means.get('total', float('nan')):.4f}  "
                         + "  ".join(f"{k.removesuffix('_loss')} {v:.3f}" for k, v in means.items() if k != "total")
@@ -353,6 +357,7 @@ class Trainer:
         """Train to the end (True), or until SIGTERM, after a checkpoint (False)."""
         if self.rank == 0:
             save_config(self.cfg, self.out / "config.json")
+            record_shards(self.out, self.cfg.shards)
         url = self.metrics.serve(host=self.cfg.metrics.host, port=self.cfg.metrics.port + self.local_rank
                                  if self.cfg.metrics.port else 0)
         target = url and write_scrape_target(self.out, rank=self.rank, host=self.cfg.metrics.host,
@@ -372,6 +377,7 @@ class Trainer:
                 self._guard(self._validate(self.state.epoch, means))
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
+                self.state.epoch_sums, self.state.epoch_count = {}, 0
             self._save()
             self._report_validation()
             return True
@@ -399,6 +405,10 @@ class LoopState:
     history: list = field(default_factory=list)
     muted: list = field(default_factory=list)
     """Students the validation guard keeps from transfer, sorted (transfer.guard)."""
+    epoch_sums: dict = field(default_factory=dict)
+    """Sums of each loss term over the current epoch's finished steps (its history entry is their mean)."""
+    epoch_count: int = 0
+    """Steps those sums cover."""
 
 
 def muted_students(val: dict[str, float], task: str, margin: float) -> list[str]:

@@ -7,7 +7,6 @@ import json
 import multiprocessing
 import os
 import random
-import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from shards.manifest import Manifest, ManifestSample, read_manifest
+from shards.out_folder import SHARD_FILE_PATTERN, check_out_folder
 from shards.tokenizer import train_tokenizer
 from shards.transcode import (
     AUDIO_FORMATS,
@@ -40,7 +40,6 @@ __all__ = ["BuildError", "ConversionSettings", "SampleResult", "build_shards", "
 
 FORMAT_NAME, FORMAT_VERSION = "cotrain-shards", 1
 CONVENTIONAL_SPLITS = ("train", "val", "test")
-SHARD_FILE_PATTERN = re.compile(r"[A-Za-z0-9_-]+-\d{6}\.(tar|idx|stats\.json)(\.tmp)?")
 
 
 class BuildError(ValueError):
@@ -97,14 +96,16 @@ def build_shards(manifest_path: Path | str, *, out: Path | str, modality_kinds: 
                  frame_policy: str = "uniform", stride: int = 1, keyint: int = 0, audio_format: str = "wav",
                  audio_fit: str = "start", feature_frames: int = 64, label_type: str | None = None,
                  max_shard_bytes: int | None = None, max_reject_fraction: float = 1.0, resume: bool = False,
-                 part: tuple[int, int] | None = None, progress: bool = True, observer=None) -> dict:
+                 part: tuple[int, int] | None = None, progress: bool = True, observer=None,
+                 overwrite: bool = False) -> dict:
     """Convert the manifest's samples into `out` (see docs/formats.md) and return dataset.json's content.
 
     `resume=True` keeps the finished shards of an interrupted build with the same inputs and options and
     converts only the rest; the result is byte-identical to an uninterrupted build. `part=(I, N)` builds
     the I-th of N disjoint slices of every split (`cotrain shards merge` joins them). `observer` (e.g.
     ops.metrics.BuildMetrics) hears `begin(totals=, done=, kinds=)` once, then `sample(split, key, members,
-    reject)` per converted sample.
+    reject)` per converted sample. `out` must be empty or an earlier build of the same inputs and options,
+    unless `overwrite` (shards/out_folder.py).
     """
     settings = ConversionSettings(
         video=VideoSettings(fps=fps, frames=frames, height=height, width=width, codec=codec, resize=resize,
@@ -118,6 +119,9 @@ def build_shards(manifest_path: Path | str, *, out: Path | str, modality_kinds: 
     # At this point the manifest is structurally valid: no work was done before, all of it comes after.
     settings = _plan_modalities(manifest, settings)
     out = Path(out)
+    fingerprint = _fingerprint(manifest, settings, seed=seed, part=part, max_shard_samples=max_shard_samples,
+                               max_shard_bytes=max_shard_bytes)
+    check_out_folder(out, manifest, fingerprint=fingerprint, overwrite=overwrite, resume=resume)
     out.mkdir(parents=True, exist_ok=True)
     # dataset.json is the "done" marker: remove it first so a crashed rebuild never looks finished.
     (out / "dataset.json").unlink(missing_ok=True)
@@ -125,8 +129,6 @@ def build_shards(manifest_path: Path | str, *, out: Path | str, modality_kinds: 
         _remove_shard_files(out, keep=set())
     tokenizer = _save_tokenizer(manifest, out, max_tokens=max_tokens)
     ordered = slice_part(shuffle_within_splits(manifest.samples, seed=seed), part)
-    fingerprint = _fingerprint(manifest, settings, seed=seed, part=part, max_shard_samples=max_shard_samples,
-                               max_shard_bytes=max_shard_bytes)
     layout = _ShardLayout(out=out, max_samples=max_shard_samples, max_bytes=max_shard_bytes,
                           fingerprint=fingerprint, resume=resume)
     records, rejects = _convert_and_write(ordered, manifest.kinds, settings, tokenizer, layout=layout,

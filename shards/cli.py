@@ -9,12 +9,30 @@ import click
 
 from shards.build import BuildError, build_shards
 from shards.manifest import ManifestError
+from shards.out_folder import OutFolderError
 from shards.manifest import LABEL_TYPES
 from shards.transcode import AUDIO_FORMATS, FRAME_POLICIES, RESIZE_POLICIES, VIDEO_CODECS
 
-__all__ = ["shards_group"]
+__all__ = ["shards_group", "OldSpellings"]
 
-shards_group = click.Group("shards", help="Build WebDataset shards (with DALI indexes) from a corpus manifest.")
+
+class OldSpellings(click.Option):
+    """An option that still accepts its old spellings (`old=`) but shows only the current ones in --help."""
+
+    def __init__(self, *args, old: tuple[str, ...] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.old = set(old)
+
+    def get_help_record(self, ctx):
+        opts = self.opts
+        self.opts = [o for o in opts if o not in self.old]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = opts
+
+shards_group = click.Group("shards", help="Build WebDataset shards (with DALI indexes) from a corpus manifest.\n\n"
+                                         "\b\nExample:\n  cotrain shards build corpus/manifest.jsonl --out shards/")
 
 
 @shards_group.command("synth")
@@ -23,14 +41,19 @@ shards_group = click.Group("shards", help="Build WebDataset shards (with DALI in
                    "voice) or sentiment (video + voice + text, regression in [-3, 3]); see docs/shards.md.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for the media folders and manifest.jsonl.")
-@click.option("--count", "--n", "count", type=click.IntRange(min=1), default=600, show_default=True,
-              help="Samples.")
+@click.option("--count", "--n", "count", cls=OldSpellings, old=("--n",), type=click.IntRange(min=1), default=600,
+              show_default=True, help="Samples.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--classes", type=click.IntRange(min=2), default=None,
               help="Number of classes of --task demo [default: 6]; the other tasks have fixed classes.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Encoding processes.")
 def synth_command(task: str, out: Path, count: int, seed: int, classes: int | None, workers: int) -> None:
-    """Write a synthetic corpus whose modalities carry the label noisily and differently."""
+    """Write a synthetic corpus whose modalities carry the label noisily and differently.
+
+    \b
+    Example:
+      cotrain shards synth --task emotion --out corpus/ --count 200
+    """
     from shards.synth_tasks import TASKS, write_task_corpus
     if task not in TASKS:
         raise click.BadParameter(f"{task!r} is not a synthetic task; use one of {', '.join(TASKS)}.",
@@ -81,6 +104,9 @@ def synth_command(task: str, out: Path, count: int, seed: int, classes: int | No
 @click.option("--max-reject-fraction", type=click.FloatRange(0, 1), default=1.0, show_default=True,
               help="Fail the build when more than this fraction of samples is rejected.")
 @click.option("--resume", is_flag=True, help="Keep the finished shards of an interrupted build and do the rest.")
+@click.option("--overwrite", is_flag=True,
+              help="Build into --out although it holds other files or a build of other inputs (without it, "
+                   "such a folder is refused). Only the build's own files are replaced; others are kept.")
 @click.option("--part", metavar="I/N", default=None, help="Build only part I of N (0-based); see `merge`.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the within-split shuffle.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Conversion processes.")
@@ -91,7 +117,12 @@ def build_command(manifest: Path, out: Path, modalities: tuple[str, ...], size: 
                   height: int | None, width: int | None, fps: float, part: str | None, metrics_port: int,
                   metrics_host: str, **options) -> None:
     """Validate MANIFEST (JSON Lines, or CSV by its .csv suffix), convert every sample and write shards,
-    indexes and dataset.json into --out."""
+    indexes and dataset.json into --out.
+
+    \b
+    Example:
+      cotrain shards build corpus/manifest.jsonl --out shards/ --frames 8 --size 32x32
+    """
     height, width = _frame_size(size, height, width)
     started = time.monotonic()
     observer = _build_exporter(metrics_host, metrics_port)
@@ -99,7 +130,7 @@ def build_command(manifest: Path, out: Path, modalities: tuple[str, ...], size: 
         description = build_shards(manifest, out=out, modality_kinds=_parse_modalities(modalities),
                                    height=height, width=width, fps=_whole_if_integral(fps),
                                    part=_parse_part(part), observer=observer, **options)
-    except (ManifestError, BuildError) as error:
+    except (ManifestError, BuildError, OutFolderError) as error:
         raise click.ClickException(str(error)) from None
     finally:
         if observer is not None:
@@ -188,7 +219,12 @@ def _rejected_lines(rejects_path: Path, *, shown: int = 5) -> str:
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--full", is_flag=True, help="Decode every sample (default: the first sample of each shard).")
 def verify_command(folder: Path, full: bool) -> None:
-    """Re-hash every shard against dataset.json, check each index against its tar, decode samples."""
+    """Re-hash every shard against dataset.json, check each index against its tar, decode samples.
+
+    \b
+    Example:
+      cotrain shards verify shards/ --full
+    """
     from shards.verify import verify_shards
     problems = verify_shards(folder, full=full)
     for problem in problems:
@@ -205,7 +241,12 @@ def verify_command(folder: Path, full: bool) -> None:
               help="Folder for --key's files [default: ./<key>].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect_command(folder: Path, key: str | None, out: Path | None, as_json: bool) -> None:
-    """Samples per split and class, stored durations, bytes and modality coverage; or export one sample."""
+    """Samples per split and class, stored durations, bytes and modality coverage; or export one sample.
+
+    \b
+    Example:
+      cotrain shards inspect shards/ --key sample-0001 --out sample/
+    """
     import json
     from shards.summary import export_sample, format_summary, summarize_shards
     if key is not None:
@@ -223,7 +264,12 @@ def inspect_command(folder: Path, key: str | None, out: Path | None, as_json: bo
 @click.argument("parts", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 def merge_command(parts: tuple[Path, ...], out: Path) -> None:
-    """Join the PARTS of a `build --part I/N` into one shard directory with contiguous shard numbers."""
+    """Join the PARTS of a `build --part I/N` into one shard directory with contiguous shard numbers.
+
+    \b
+    Example:
+      cotrain shards merge part-0/ part-1/ --out shards/
+    """
     from shards.merge import merge_parts
     try:
         description = merge_parts(list(parts), out=out)
@@ -242,7 +288,12 @@ def merge_command(parts: tuple[Path, ...], out: Path) -> None:
                    "nvgesture_{train,test}_correct_cvpr2016_v2.lst; repeatable.")
 def manifest_command(root: Path, dataset: str, out: Path, lists: tuple[str, ...]) -> None:
     """Write a manifest (with the dataset's standard split and classes) for the dataset under ROOT, and say
-    what was skipped or clamped."""
+    what was skipped or clamped.
+
+    \b
+    Example:
+      cotrain shards manifest /data/RAVDESS --format ravdess --out ravdess.jsonl
+    """
     from shards.adapters import AdapterError, write_manifest
     from shards.manifest import read_manifest
     try:

@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shards.label_rules import check_class_count, check_number_mix
+
 __all__ = [
     "AUDIO_EXTENSIONS",
     "IMAGE_EXTENSIONS",
@@ -148,7 +150,7 @@ def _declared_classes(records: list[tuple[int, dict]]) -> tuple[list[str] | int 
 
 def _read_csv(path: Path):
     """Yield (line number, object) per CSV row; empty cells are null, labels parsed by `_csv_label`."""
-    with open(path, encoding="utf-8", newline="") as rows:
+    with open(path, encoding="utf-8-sig", newline="") as rows:  # -sig: spreadsheets write a BOM
         reader = csv.reader(rows)
         header = next(reader, None)
         if header is None:
@@ -197,7 +199,7 @@ def _check_forced_names_exist(forced_kinds: dict[str, str], kinds: dict[str, str
 
 def _read_json_lines(path: Path):
     """Yield (line number, object) for each non-blank line."""
-    with open(path, encoding="utf-8") as lines:
+    with open(path, encoding="utf-8-sig") as lines:  # -sig: a byte-order mark is not part of line 1
         for number, text in enumerate(lines, start=1):
             if not text.strip():
                 continue
@@ -366,6 +368,7 @@ def encode_labels(samples: list[ManifestSample], *, label_type: str | None = Non
     the class count and the names' ids; without them the count is the largest id + 1.
     """
     shapes = [(_label_shape(sample.label, sample.line), sample) for sample in samples]
+    check_number_mix(shapes, label_type)
     chosen = label_type or _infer_label_type(shapes)
     group = _accepted_group(chosen, shapes)
     if chosen == "regression":
@@ -433,6 +436,7 @@ def _encode_classes(samples: list[ManifestSample], *, multilabel: bool, by_name:
         encoded.append(_with_label(sample, label))
     count = declared if declared is not None else (
         len(names) if by_name else 1 + max((i for s in encoded for i in as_list(s.label)), default=-1))
+    check_class_count(encoded, count, multilabel=multilabel)
     kind = "multilabel" if multilabel else "class"
     return encoded, {"type": kind, "num_classes": max(count, 1), "names": names}
 

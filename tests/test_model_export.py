@@ -1,6 +1,7 @@
 """Shipping unimodal models: export parity in every format, predict's preprocessing against the loader's
 batches, the CLI, presets with teacher-only modalities (one short training run on the tiny corpus)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,6 +120,27 @@ def test_predict_cli_prints_class_probabilities(trained_run, synthetic_manifest,
         assert a["prediction"] in a["probabilities"]
 
 
+def test_predict_reports_each_bad_input_and_still_predicts_the_others(trained_run, synthetic_manifest, tmp_path):
+    out = tmp_path / "audio.onnx"
+    CliRunner().invoke(main, ["export", "--run", str(trained_run), "--modality", "audio", "--format", "onnx",
+                              "--out", str(out)])
+    record = json.loads(synthetic_manifest.read_text().splitlines()[0])
+    good = str(synthetic_manifest.parent / record["audio"])
+    (tmp_path / "empty.wav").write_bytes(b"")
+    (tmp_path / "cut.wav").write_bytes(Path(good).read_bytes()[:30])
+    (tmp_path / "words.txt").write_text("not audio at all")
+    bad = [str(tmp_path / n) for n in ("missing.wav", "empty.wav", "cut.wav", "words.txt")]
+    result = CliRunner().invoke(main, ["predict", str(out), bad[0], good, *bad[1:], "--json"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    answers = {a["input"]: a for a in json.loads(result.output)}
+    assert answers[good]["prediction"] in answers[good]["probabilities"]
+    assert all(answers[b]["error"] and "\n" not in answers[b]["error"] for b in bad)
+    assert "not found" in answers[bad[0]]["error"]
+    lines = CliRunner().invoke(main, ["predict", str(out), good, bad[0], "--text", "hello"])
+    assert lines.exit_code == 1 and len(lines.output.strip().splitlines()) == 3
+    assert "this model reads audio" in lines.output and f"{bad[0]}: error: " in lines.output
+
+
 def test_presets_are_complete_and_specs_follow_kind_then_name():
     with pytest.raises(ValueError, match="valid presets: emotion, gesture, sentiment"):
         preset("speech")
@@ -179,8 +201,10 @@ def test_text_predict_uses_the_shards_tokenizer(tiny_shards, synthetic_manifest)
     loader = DaliLoader(info, "test", LoaderConfig(batch_size=4), training=False, modalities=["text"])
     batch = next(iter(loader))
     record = next(r for r in map(json.loads, synthetic_manifest.read_text().splitlines()) if r["key"] == batch.keys[0])
-    (ids,) = preprocess(meta, record["text"])
+    (ids,) = preprocess(meta, record["text"], literal=True)
     assert torch.equal(ids[0].long(), batch.inputs["text"][0].long())
+    with pytest.raises(FileNotFoundError, match="nope.txt not found: give a text file; give literal text with --text"):
+        preprocess(meta, "nope.txt")  # a missing file is never read as the text "nope.txt"
 
 
 def test_training_with_feature_and_attention_transfer_under_deepspeed(tiny_shards, tmp_path):
@@ -221,4 +245,4 @@ def test_config_files_with_unknown_fields_are_refused(tiny_shards, tmp_path):
     assert result.exit_code != 0 and "unknown config key(s) fusion.dimm" in result.output
     result = CliRunner().invoke(main, ["train", "--shards", str(tiny_shards), "--out", str(tmp_path / "r"),
                                        "--preset", "nope"])
-    assert result.exit_code != 0 and "valid presets: emotion, gesture, quick, sentiment" in result.output
+    assert result.exit_code != 0 and "is not one of 'emotion', 'gesture', 'quick', 'sentiment'" in result.output

@@ -177,6 +177,8 @@ def test_kill9_mid_epoch_then_resume_gives_bit_identical_parameters_one_rank(tin
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed" in resumed.stdout and "batch 4/5" in resumed.stdout
     assert _digest(run) == _digest(tmp_path / "whole")
+    # every epoch's entry, train losses over the whole interrupted epoch included
+    assert json.loads((run / "history.json").read_text()) == json.loads((tmp_path / "whole" / "history.json").read_text())
 
     # negative control: the same resume without restoring the loader's position must not match
     from pipeline.loader import BaseLoader

@@ -60,10 +60,30 @@ def test_labels_outside_the_declared_classes_name_the_line(tmp_path, classes, la
         read_manifest(path)
 
 
-def test_floats_are_regression_and_ints_among_them_become_floats(tmp_path):
-    manifest = read_manifest(_jsonl(tmp_path / "m.jsonl", [
-        {"key": "a", "split": "train", "label": -2.5, "text": "x"}, {"key": "b", "split": "train", "label": 3, "text": "y"}]))
-    assert manifest.label == {"type": "regression", "dim": 1} and _labels(manifest) == [-2.5, 3.0]
+def test_floats_are_regression_and_ints_among_them_are_an_error_unless_the_type_is_given(tmp_path):
+    floats = read_manifest(_jsonl(tmp_path / "f.jsonl", [
+        {"key": "a", "split": "train", "label": -2.5, "text": "x"}, {"key": "b", "split": "train", "label": 3.0, "text": "y"}]))
+    assert floats.label == {"type": "regression", "dim": 1} and _labels(floats) == [-2.5, 3.0]
+    mixed = _jsonl(tmp_path / "m.jsonl", [{"key": f"k{i}", "split": "train", "label": i % 3, "text": "x"}
+                                          for i in range(5)] + [{"key": "z", "split": "train", "label": 0.5, "text": "y"}])
+    with pytest.raises(ManifestError, match="line 6: label 0.5 is a number with a fraction, but line 1 has the "
+                                            "integer label 0.*--label-type regression"):
+        read_manifest(mixed)
+    forced = read_manifest(mixed, label_type="regression")
+    assert forced.label == {"type": "regression", "dim": 1} and _labels(forced)[-2:] == [1.0, 0.5]
+
+
+def test_a_class_id_far_beyond_the_samples_is_an_error_naming_its_line(tmp_path):
+    records = [{"key": f"k{i}", "split": "train", "label": i % 4, "text": "x"} for i in range(20)]
+    records[7]["label"] = 100000
+    with pytest.raises(ManifestError, match="line 8: class id 100000 makes 100001 classes for 20 samples"):
+        read_manifest(_jsonl(tmp_path / "m.jsonl", records))
+    records[7]["label"] = 999  # sparse, but within what a small sample of a large label set leaves
+    assert read_manifest(_jsonl(tmp_path / "m.jsonl", records)).label["num_classes"] == 1000
+    from shards.label_rules import check_class_count
+    from shards.manifest import ManifestSample
+    with pytest.raises(ManifestError, match="line 3: class id 5 is beyond the 4 declared classes"):
+        check_class_count([ManifestSample(key="a", split="train", label=5, line=3)], 6, multilabel=False, declared=4)
 
 
 def test_vectors_are_regression_and_id_lists_multilabel(tmp_path):
