@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .cotrain import TEACHER
+from .cotrain import LATE_FUSION, TEACHER, TRANSFORMER
 from .tasks import TaskConfig, masked_mean as _masked_mean, sample_error, task_loss
 
 GATES = ("none", "teacher_correct", "teacher_better")
@@ -172,13 +172,14 @@ def cotrain_losses(logits: dict[str, torch.Tensor], labels: torch.Tensor, presen
     any_present = torch.stack(list(present.values())).any(dim=0)
     terms = {}
     for branch, branch_logits in logits.items():
-        if branch.startswith(f"{TEACHER}/"):  # a teacher stream: its modality's samples only
+        if branch in (TEACHER, TRANSFORMER, LATE_FUSION):
+            terms.update(_teacher_task_terms(branch, logits, labels, any_present, task))
+        elif branch.startswith(f"{TEACHER}/"):  # a teacher stream: its modality's samples only
             m = branch.split("/", 1)[1]
             smoothing = stream_label_smoothing if task.type == "class" else None
             terms[f"{TEACHER}_{m}_stream_loss"] = task_loss(branch_logits, labels, present[m], task, smoothing)
-            continue
-        mask = any_present if branch == TEACHER else present[branch]
-        terms[f"{branch}_task_loss"] = task_loss(branch_logits, labels, mask, task)
+        else:
+            terms[f"{branch}_task_loss"] = task_loss(branch_logits, labels, present[branch], task)
     if TEACHER not in logits:
         return terms
     students = [b for b in logits if TEACHER not in b and b not in muted]
@@ -193,6 +194,20 @@ def cotrain_losses(logits: dict[str, torch.Tensor], labels: torch.Tensor, presen
                                                                  mask)
         terms.update(_auxiliary_transfer(branch, extras, transfer, ramp, mask))
     return terms
+
+
+def _teacher_task_terms(branch: str, logits: dict, labels: torch.Tensor, any_present: torch.Tensor,
+                        task: TaskConfig) -> dict[str, torch.Tensor]:
+    """The teacher's task terms. With late fusion (model.cotrain.TRANSFORMER in logits) the Transformer is
+    trained by its own loss, `multimodal_task_loss`; the teacher's output, late fusion plus a weight the
+    validation chooses times the Transformer, is then only logged (`multimodal_teacher`, not summed), and
+    the late fusion gets a loss (`multimodal_gates_loss`) only where it has something to learn (learned gates)."""
+    loss = task_loss(logits[branch], labels, any_present, task)
+    if TRANSFORMER not in logits or branch == TRANSFORMER:
+        return {f"{TEACHER}_task_loss": loss}
+    if branch == TEACHER:
+        return {f"{TEACHER}_teacher": loss.detach()}
+    return {f"{TEACHER}_gates_loss": loss} if logits[branch].requires_grad else {}
 
 
 def _decision(student: torch.Tensor, teacher: torch.Tensor, transfer: TransferConfig, task: TaskConfig,

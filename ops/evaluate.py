@@ -51,10 +51,11 @@ def task_of(info) -> tuple[str, int]:
 @torch.no_grad()
 def score_branches(model: CoTrainModel, loader: BaseLoader, *, branches: list[str] | None = None,
                    prepare=lambda batch: batch, task: str = "class", size: int | None = None,
-                   predictions: dict | None = None) -> dict[str, dict]:
+                   predictions: dict | None = None, candidates: bool = False) -> dict[str, dict]:
     """The metrics of each branch over one pass of `loader` (ops/scores.py). A unimodal branch sees
     only its own input and is scored on the samples that have it. With a `predictions` dict, also records
-    each sample's outputs there (record_predictions)."""
+    each sample's outputs there (record_predictions). With candidates=True, also scores the teacher under each
+    Transformer weight it may choose (model.teacher_candidates), as branches "multimodal@<weight>"."""
     was_training = model.training
     model.eval()
     branches = branches or model.branches
@@ -62,16 +63,19 @@ def score_branches(model: CoTrainModel, loader: BaseLoader, *, branches: list[st
     for batch in loader:
         batch = prepare(batch)
         logits = model(batch.inputs, batch.present, getattr(batch, "lengths", None) or None)  # lengths mask padded sequences
+        if candidates:
+            logits.update({f"{TEACHER}@{w:g}": v for w, v in model.teacher_candidates(logits).items()})
+        scored = branches + [b for b in logits if b.startswith(f"{TEACHER}@")]
         if not scorers:  # sized by the heads' outputs unless told
-            scorers = {b: make_scorer(task, size or logits[b].shape[-1]) for b in branches}
+            scorers = {b: make_scorer(task, size or logits[b].shape[-1]) for b in scored}
         everyone = torch.ones(len(batch), dtype=torch.bool, device=batch.labels.device)
-        for branch in branches:
-            mask = batch.present[branch] if branch != TEACHER else everyone
+        for branch in scored:
+            mask = batch.present[branch] if not branch.startswith(TEACHER) else everyone
             scorers[branch].update(logits[branch].cpu(), batch.labels.cpu(), mask.cpu())
         if predictions is not None:
             record_predictions(predictions, batch, {b: logits[b] for b in branches})
     model.train(was_training)
-    return {b: scorers[b].result() for b in branches}
+    return {b: scorer.result() for b, scorer in scorers.items()}
 
 
 def record_predictions(predictions: dict, batch, outputs: dict[str, torch.Tensor]) -> None:

@@ -104,6 +104,7 @@ class Trainer:
         self.val_loader, self.eval_model = self._make_validation()
         self._signalled = False  # set by the handler, on this rank only
         self._stop = False       # agreed by every rank in _agree, so all of them checkpoint together
+        self._chosen_weight: float | None = None  # the teacher's Transformer weight rank 0's validation chose
         if resume:
             self._restore(allow_reshard)
 
@@ -305,8 +306,10 @@ class Trainer:
         if self.val_loader is None:
             return None
         task = self.task
-        scores = score_branches(model, self.val_loader, prepare=self._cast, task=task, size=self.task_size)
+        scores = score_branches(model, self.val_loader, prepare=self._cast, task=task, size=self.task_size,
+                                candidates=True)
         scores = {b: {k: v for k, v in s.items() if k != "confusion"} for b, s in scores.items()}
+        weight = self._choose_transformer_weight(model, scores, gathered)
         self.metrics.record_eval("val", scores, epoch=epoch + 1)
         best = self.state.best
         improved = [b for b, s in scores.items() if is_better(task, s, best.get(b))]
@@ -319,8 +322,31 @@ class Trainer:
         metric = primary_metric(task)
         self.state.history.append({"epoch": epoch + 1, "train": train_means, "metric": metric,
                                    "val": {b: s[metric] for b, s in scores.items()}})
+        if weight is not None:
+            self.state.history[-1]["transformer_weight"] = weight
         _log(0, f"  val {metric} " + "  ".join(f"{b} {s[metric]:.3f}" for b, s in scores.items()))
         return self.state.history[-1]["val"]
+
+    def _choose_transformer_weight(self, model, scores: dict[str, dict], gathered: dict | None) -> float | None:
+        """fusion.transformer_weights: the weight chosen on this validation (choose_transformer_weight) becomes
+        the teacher's, in `model` (whose state the best weights save) and in `gathered` (its ZeRO-3 copy). The
+        other ranks take it in _share_transformer_weight."""
+        best = choose_transformer_weight(scores, self.task)
+        if best is not None:
+            model.set_transformer_weight(best)
+            if gathered is not None:
+                gathered["teacher.transformer_weight"].fill_(best)
+            self._chosen_weight = best
+        return best
+
+    def _share_transformer_weight(self) -> None:
+        """Every rank's teacher uses the weight rank 0's validation chose (a collective when it validated)."""
+        chosen = [self._chosen_weight]
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.broadcast_object_list(chosen, src=0)
+        if chosen[0] is not None:
+            self.engine.module.set_transformer_weight(chosen[0])
 
     def _guard(self, val: dict[str, float] | None) -> None:
         """transfer.guard: after a validation, mute the students the teacher does not clearly beat (rank 0
@@ -374,7 +400,9 @@ class Trainer:
                 if means is None:
                     _log(self.rank, f"SIGTERM: checkpoint saved; continue with `cotrain train --resume {self.out}`")
                     return False
-                self._guard(self._validate(self.state.epoch, means))
+                val = self._validate(self.state.epoch, means)
+                self._share_transformer_weight()
+                self._guard(val)
                 self.state.epoch += 1
                 self.state.batch_in_epoch = 0
                 self.state.epoch_sums, self.state.epoch_count = {}, 0
@@ -409,6 +437,20 @@ class LoopState:
     """Sums of each loss term over the current epoch's finished steps (its history entry is their mean)."""
     epoch_count: int = 0
     """Steps those sums cover."""
+
+
+def choose_transformer_weight(scores: dict[str, dict], task: str) -> float | None:
+    """The Transformer weight whose teacher ("multimodal@<w>" in `scores`) scores best, the first of equals
+    (None when there are no candidates). The candidates leave `scores`; the teacher's entry becomes the chosen
+    one's score."""
+    candidates = {float(b.split("@", 1)[1]): scores.pop(b) for b in list(scores) if b.startswith(f"{TEACHER}@")}
+    best = None
+    for weight, score in candidates.items():  # in the config's order, so ties go to the first
+        if best is None or is_better(task, score, candidates[best]):
+            best = weight
+    if best is not None:
+        scores[TEACHER] = candidates[best]
+    return best
 
 
 def muted_students(val: dict[str, float], task: str, margin: float) -> list[str]:

@@ -3,21 +3,25 @@
 the label are parameters, so defaults are chosen on some members (development) and reported on others
 (evaluation) that nobody tuned to.
 
-Each sample has a uniformly random class c of K. Per modality, independently, with probability
-1 - strength[modality] the modality shows a uniformly random *other* class, else c: `strength` is the
-modality's accuracy ceiling, and the errors of the two modalities rarely coincide, so fusing them is
-clearly better than either (a product of two calibrated experts approaches 1 - (1 - s_v)(1 - s_a) on
-easy codes). How close a model gets to the ceiling also depends on K and on the signal below.
+Each sample has a uniformly random class c of K. Per modality, independently, the class signal is *clear*
+with probability strength[modality] (drawn at 0.6-1.0 of full amplitude) and *obscured* otherwise (0-0.3:
+an occluded hand, a speaker drowned by noise), so each modality alone is uncertain on different samples
+and a model that fuses them can be clearly better than either: about 1 - (1 - s_v)(1 - s_a)(1 - 1/K) when
+obscured signals carry nothing, more where a faint signal remains. Errors come from missing evidence, not
+from a modality confidently showing another class: with two modalities that disagree confidently, no
+fusion can tell which one to believe, so such a corpus cannot test whether a multimodal model beats late
+fusion. How close a model gets also depends on K and on the signals below.
 
 - rgb (`video/K.mp4`, 16 frames at 8 fps, size x size, H.264): a Gaussian blob moves in one of
   D = min(K, 8) directions, coloured with one of ceil(K / D) hues: class c = hue * D + direction. A dimmer
   distractor blob of random colour moves in a random direction over a random background tint, under
   Gaussian pixel noise. Geometry scales with the frame size, so the task does not get easier with size.
-- audio (`audio/K.wav`, 1 s, 16 kHz): two consecutive tones, the first at one of P = min(K, 10) pitches a
-  semitone-and-more apart (300 Hz x 2^(i / P)), the second at one of ceil(K / P) intervals above or below
-  it: class c = interval * P + pitch; random detune, amplitude and onset, in white noise at 0 dB SNR.
+- audio (`audio/K.wav`, 1 s, 16 kHz): two consecutive tones, the first at one of P = min(K, 10) pitches
+  (300 Hz x 2^(i / P)), the second at one of ceil(K / P) intervals above or below it: class c = interval *
+  P + pitch; random detune and onset, in white noise whose level does not depend on the tones' amplitude.
 
-Everything is a function of (seed, sample index); splits follow shards/synth.py (70/15/15).
+Everything is a function of (seed, sample index); splits follow shards/synth.py (70/15/15). `shown.jsonl`
+beside the manifest holds each modality's visibility per sample (0..1).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.synth import AUDIO_SECONDS, SAMPLE_RATE, VIDEO_FRAMES, _shown_class, _tone, _write_wav
+from shards.synth import AUDIO_SECONDS, SAMPLE_RATE, VIDEO_FRAMES, _tone, _write_wav
 from shards.synth_media import write_mp4
 
 __all__ = ["FamilyMember", "HUES", "INTERVALS", "render_family_sample"]
@@ -36,14 +40,14 @@ HUES = ((1.0, 0.25, 0.25), (0.25, 1.0, 0.25), (0.3, 0.45, 1.0), (1.0, 1.0, 0.2),
 # Ratios of the second tone to the first; K <= 10 * len(INTERVALS) classes.
 INTERVALS = (1.5, 0.75, 1.26, 0.8, 2.0)
 MAX_CLASSES = min(8 * len(HUES), 10 * len(INTERVALS))
-VIDEO_NOISE = 0.15
+VIDEO_NOISE = 0.12
 
 
 class FamilyMember(dict):
     """One corpus of the family: {"classes", "size", "strength": {"rgb", "audio"}}, checked."""
 
     def __init__(self, *, classes: int = 10, size: int = 48, strength: dict | None = None):
-        strength = {"rgb": 0.7, "audio": 0.6, **(strength or {})}
+        strength = {"rgb": 0.6, "audio": 0.5, **(strength or {})}
         if not 2 <= classes <= MAX_CLASSES:
             raise ValueError(f"family classes must be in 2..{MAX_CLASSES}, got {classes}")
         if not 16 <= size <= 256:
@@ -54,29 +58,35 @@ class FamilyMember(dict):
         for name, value in strength.items():
             if not 1.0 / classes <= value <= 1.0:
                 raise ValueError(f"family strength.{name} = {value} must be in [1/classes, 1] = "
-                                 f"[{1.0 / classes:.3f}, 1]: it is the chance the modality shows the true class")
+                                 f"[{1.0 / classes:.3f}, 1]: it is the chance the modality's signal is clear")
         super().__init__(classes=classes, size=size, strength=strength)
 
 
+CLEAR, OBSCURED = (0.6, 1.0), (0.0, 0.3)
+
+
 def render_family_sample(rng: np.random.Generator, out: Path, key: str, member: FamilyMember) -> tuple[dict, dict]:
-    """Write one sample's media; return its manifest fields and the class each modality shows."""
+    """Write one sample's media; return its manifest fields and how visible each modality's signal is."""
     k = member["classes"]
     label = int(rng.integers(k))
-    shown = {name: _shown_class(rng, label, 1.0 - p, k) for name, p in member["strength"].items()}
-    write_mp4(out / "video" / f"{key}.mp4", render_family_video(rng, shown["rgb"], k, member["size"]))
-    _write_wav(out / "audio" / f"{key}.wav", render_family_audio(rng, shown["audio"], k))
-    return {"label": label, "rgb": f"video/{key}.mp4", "audio": f"audio/{key}.wav"}, shown
+    seen = {name: round(float(rng.uniform(*(CLEAR if rng.random() < p else OBSCURED))), 3)
+            for name, p in member["strength"].items()}
+    write_mp4(out / "video" / f"{key}.mp4", render_family_video(rng, label, k, member["size"], seen["rgb"]))
+    _write_wav(out / "audio" / f"{key}.wav", render_family_audio(rng, label, k, seen["audio"]))
+    return {"label": label, "rgb": f"video/{key}.mp4", "audio": f"audio/{key}.wav"}, seen
 
 
-def render_family_video(rng: np.random.Generator, shown: int, classes: int, size: int) -> np.ndarray:
-    """(frames, size, size, 3) uint8: a blob moving in the class's direction, in the class's hue."""
+def render_family_video(rng: np.random.Generator, shown: int, classes: int, size: int,
+                        visibility: float = 1.0) -> np.ndarray:
+    """(frames, size, size, 3) uint8: a blob moving in the class's direction, in the class's hue, at
+    `visibility` times its full brightness."""
     directions = min(classes, 8)
     angle = 2 * np.pi * (shown % directions) / directions
     hue = np.asarray(HUES[shown // directions])
     scale = size / 48
     background = rng.uniform(0.05, 0.35, size=3)
     signal = _blob(rng, angle, size, centre=(16 * scale, 32 * scale), speed=(0.8 * scale, 1.6 * scale),
-                   sigma=3 * scale, brightness=0.8)
+                   sigma=3 * scale, brightness=visibility)
     distractor = _blob(rng, rng.uniform(0, 2 * np.pi), size, centre=(8 * scale, 40 * scale),
                        speed=(0.5 * scale, 1.5 * scale), sigma=3 * scale, brightness=0.35)
     frames = background + signal[..., None] * hue + distractor[..., None] * rng.uniform(0.3, 1.0, size=3)
@@ -98,17 +108,18 @@ def _blob(rng: np.random.Generator, angle: float, size: int, *, centre: tuple[fl
     return brightness * gy[:, :, None] * gx[:, None, :]
 
 
-def render_family_audio(rng: np.random.Generator, shown: int, classes: int) -> np.ndarray:
-    """int16 samples: a tone at the class's pitch, then one at its interval, in white noise at 0 dB SNR."""
+def render_family_audio(rng: np.random.Generator, shown: int, classes: int, visibility: float = 1.0) -> np.ndarray:
+    """int16 samples: a tone at the class's pitch, then one at its interval (amplitude 0.2 x `visibility`), in
+    white noise of RMS 0.3 to 0.45 (a clear tone stands out in its frequency band; an obscured one barely)."""
     pitches = min(classes, 10)
     f1 = 300.0 * 2 ** ((shown % pitches) / pitches) * (1 + rng.uniform(-0.015, 0.015))
     f2 = f1 * INTERVALS[shown // pitches]
-    amplitude = rng.uniform(0.1, 0.3)
+    amplitude = 0.2 * visibility
     tones = np.concatenate([_tone(rng, f1, amplitude), _tone(rng, f2, amplitude)])
     total = int(SAMPLE_RATE * AUDIO_SECONDS)
     signal = np.zeros(total)
     offset = int(rng.integers(0, total - len(tones) + 1))
     signal[offset:offset + len(tones)] = tones
-    signal += rng.normal(0.0, amplitude / np.sqrt(2), size=total)
+    signal += rng.normal(0.0, rng.uniform(0.3, 0.45), size=total)
     return (np.clip(signal, -1.0, 1.0) * 32767).astype(np.int16)
 

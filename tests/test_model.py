@@ -28,7 +28,8 @@ def test_cotrain_model_returns_every_branch():
     inputs, present, _ = _batch()
     logits = model(inputs, present)
     assert model.branches == ["rgb", "audio", "text", TEACHER]
-    assert set(logits) == {"rgb", "audio", "text", TEACHER, f"{TEACHER}/rgb", f"{TEACHER}/audio", f"{TEACHER}/text"}
+    assert set(logits) == {"rgb", "audio", "text", TEACHER, f"{TEACHER}/rgb", f"{TEACHER}/audio", f"{TEACHER}/text",
+                           f"{TEACHER}/transformer", f"{TEACHER}/late_fusion"}
     assert all(v.shape == (4, 5) and torch.isfinite(v).all() for v in logits.values())
 
 
@@ -89,7 +90,8 @@ def test_total_loss_sums_named_terms_and_alpha_zero_drops_transfer():
     logits = model(inputs, present)
     terms = cotrain_losses(logits, labels, present, TransferConfig(alpha=0.0))
     assert not any(k.endswith("_transfer_loss") for k in terms)
-    assert torch.isclose(total_loss(terms), sum(terms.values()))
+    assert torch.isclose(total_loss(terms), sum(v for k, v in terms.items() if k.endswith("_loss")))
+    assert "multimodal_teacher" in terms  # logged, not summed
 
 
 def test_transfer_config_rules():
@@ -178,9 +180,10 @@ def test_teacher_streams_are_trained_by_their_own_loss_only():
     model = CoTrainModel(SPECS, 5, mode="multimodal")
     inputs, present, labels = _batch()
     logits = model(inputs, present)
-    assert set(logits) == {TEACHER, f"{TEACHER}/rgb", f"{TEACHER}/audio", f"{TEACHER}/text"}
+    assert set(logits) == {TEACHER, f"{TEACHER}/rgb", f"{TEACHER}/audio", f"{TEACHER}/text",
+                           f"{TEACHER}/transformer", f"{TEACHER}/late_fusion"}
     cotrain_losses(logits, labels, present, TransferConfig())[f"{TEACHER}_task_loss"].backward()
-    # late fusion adds the streams' detached predictions: the fused loss never reaches the stream heads
+    # the Transformer reads the streams' detached tokens: its loss never reaches the stream heads
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in model.teacher.stream_heads.parameters())
 
 

@@ -2,7 +2,10 @@
 import pytest
 import torch
 
-from model.cotrain import TEACHER, CoTrainModel, FusionConfig, ModalitySpec
+from model.cotrain import LATE_FUSION, TEACHER, TRANSFORMER, CoTrainModel, FusionConfig, ModalitySpec
+from model.losses import TransferConfig, cotrain_losses, total_loss
+from model.tasks import TaskConfig
+from ops.train import choose_transformer_weight
 
 SPECS = [
     ModalitySpec("rgb", "video", {"widths": (8, 8, 16)}),
@@ -125,15 +128,11 @@ def test_sharing_nothing_leaves_the_branches_linked_only_by_transfer():
 
 
 def _late_term(model, present=None):
-    """The teacher's late-fusion term (output with late fusion minus output without) and its streams (M, B, K)."""
+    """The teacher's late-fusion term and its streams (M, B, K)."""
     inputs, all_present, lengths = _batch()
-    present = present or all_present
-    with_late = model(inputs, present, lengths)
-    model.teacher.late_fusion = False
-    without = model(inputs, present, lengths)
-    model.teacher.late_fusion = True
-    streams = torch.stack([with_late[f"{TEACHER}/{m}"] for m in model.teacher.order])  # (M, B, K)
-    return with_late[TEACHER] - without[TEACHER], streams
+    out = model(inputs, present or all_present, lengths)
+    streams = torch.stack([out[f"{TEACHER}/{m}"] for m in model.teacher.order])  # (M, B, K)
+    return out[LATE_FUSION], streams
 
 
 @pytest.mark.parametrize("task", ["class", "regression", "multilabel"])
@@ -166,15 +165,62 @@ def test_a_trusted_gate_hands_late_fusion_to_its_stream_unless_the_stream_is_mis
     assert torch.allclose(late[1], rest, atol=1e-4)
 
 
-def test_the_gates_learn_from_the_teachers_loss_and_leave_the_streams_alone():
+def test_the_gates_learn_from_the_late_fusions_loss_and_leave_the_streams_alone():
     model = CoTrainModel(SPECS, 3, fusion=FusionConfig(late_fusion_weights="learned"), task="regression")
     inputs, present, lengths = _batch()
     out = model(inputs, present, lengths)
     model.zero_grad()
-    (out[TEACHER] - 1.0).pow(2).mean().backward()
+    terms = cotrain_losses(out, torch.zeros(4, 3), present, TransferConfig(), task=TaskConfig("regression"))
+    assert "multimodal_gates_loss" in terms  # equal weights have nothing to learn, so no such term (below)
+    terms["multimodal_gates_loss"].backward()
     assert all(gate.weight.grad.abs().sum() > 0 for gate in model.teacher.stream_gates.values())
     # stream predictions and the gates' inputs are detached: the teacher's loss never reaches the stream heads
     heads = model.teacher.stream_heads
     assert all(head.weight.grad is None or head.weight.grad.abs().sum() == 0 for head in heads.values())
     with pytest.raises(ValueError, match="fusion.late_fusion_weights"):
         FusionConfig(late_fusion_weights="attention")
+
+
+@pytest.mark.parametrize("task", ["class", "regression", "multilabel"])
+def test_the_teacher_is_late_fusion_plus_the_chosen_weight_times_the_transformer(task):
+    model = CoTrainModel(SPECS, 3, fusion=FusionConfig(transformer_weights=(0.0, 0.5, 2.0)), task=task).eval()
+    inputs, present, lengths = _batch()
+    out = model(inputs, present, lengths)
+    assert torch.equal(out[TEACHER], out[LATE_FUSION])  # before any validation: the first weight, 0
+    model.set_transformer_weight(2.0)
+    out = model(inputs, present, lengths)
+    part = {"class": torch.log_softmax(out[TRANSFORMER], dim=-1), "multilabel": out[TRANSFORMER],
+            "regression": out[TRANSFORMER]}[task]
+    expected = (out[LATE_FUSION] + 2 * part) / (3 if task == "regression" else 1)
+    assert torch.allclose(out[TEACHER], expected, atol=1e-6)
+    candidates = model.teacher_candidates(out)
+    assert list(candidates) == [0.0, 0.5, 2.0] and torch.allclose(candidates[2.0], out[TEACHER], atol=1e-6)
+    assert model.state_dict()["teacher.transformer_weight"] == 2.0  # the best weights carry the choice
+
+
+def test_the_transformer_learns_from_its_own_loss_whatever_its_weight():
+    """With weight 0 the teacher is late fusion alone, yet the Transformer still trains: its loss is its own,
+    and the teacher's combined output is only logged."""
+    model = CoTrainModel(SPECS, 3, fusion=FusionConfig())
+    inputs, present, lengths = _batch()
+    labels = torch.tensor([0, 1, 2, 1])
+    out = model(inputs, present, lengths)
+    terms = cotrain_losses(out, labels, present, TransferConfig(alpha=0))
+    assert set(terms) >= {"multimodal_task_loss", "multimodal_teacher"} and "multimodal_gates_loss" not in terms
+    assert torch.allclose(terms["multimodal_task_loss"], torch.nn.functional.cross_entropy(out[TRANSFORMER], labels))
+    model.zero_grad()
+    total_loss(terms).backward()
+    assert model.teacher.head.weight.grad.abs().sum() > 0
+    assert not terms["multimodal_teacher"].requires_grad
+
+
+def test_validation_chooses_the_best_weight_and_the_first_of_equals():
+    scores = {"rgb": {"accuracy": 0.6}, "multimodal@0": {"accuracy": 0.7}, "multimodal@0.5": {"accuracy": 0.8},
+              "multimodal@1": {"accuracy": 0.8}, "multimodal@2": {"accuracy": 0.5}}
+    assert choose_transformer_weight(scores, "class") == 0.5
+    assert scores == {"rgb": {"accuracy": 0.6}, TEACHER: {"accuracy": 0.8}}
+    errors = {"multimodal@0": {"mae": 0.4}, "multimodal@1": {"mae": 0.3}}
+    assert choose_transformer_weight(errors, "regression") == 1.0  # lower is better
+    assert choose_transformer_weight({"rgb": {"accuracy": 0.6}}, "class") is None
+    with pytest.raises(ValueError, match="transformer_weights"):
+        FusionConfig(transformer_weights=(-1.0,))
