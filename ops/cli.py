@@ -157,8 +157,12 @@ def resolve_run_config(preset, config_file, assignments, values: dict):
 @click.option("--allow-reshard", is_flag=True,
               help="Resume on a different world size (or changed data settings): the data position restarts "
                    "at the checkpoint's epoch.")
-def train_cmd(preset, config_file, assignments, resume_run, allow_reshard, **values) -> None:
+@click.option("--device", type=click.Choice(["auto", "cpu"]), default="auto", show_default=True,
+              help="auto: the GPU when there is one (refused when nvidia-smi sees a GPU torch cannot use); cpu: "
+                   "the CPU on purpose.")
+def train_cmd(preset, config_file, assignments, resume_run, allow_reshard, device, **values) -> None:
     """Train a run: co-trained (default), one unimodal baseline, or the multimodal baseline."""
+    from .device import GpuUnusableError
     from .train import train
 
     try:
@@ -166,8 +170,8 @@ def train_cmd(preset, config_file, assignments, resume_run, allow_reshard, **val
             cfg = _resume_config(resume_run, values, assignments)
         else:
             cfg = resolve_run_config(preset, config_file, assignments, values)
-        train(cfg, resume=bool(resume_run), allow_reshard=allow_reshard)
-    except (ValueError, FileNotFoundError) as err:
+        train(cfg, resume=bool(resume_run), allow_reshard=allow_reshard, device=device)
+    except (ValueError, FileNotFoundError, GpuUnusableError) as err:
         raise click.ClickException(str(err)) from err
 
 

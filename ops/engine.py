@@ -33,7 +33,11 @@ def init_distributed(cpu_threads: int = 0) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     set_cpu_threads(cpu_threads)
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        # NCCL binds a communicator to the current device at its first collective: each rank must be on its
+        # own GPU before that, or every rank of a node talks through GPU 0
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
         _skip_shm_all_reduce()
     deepspeed.init_distributed(verbose=False)
 

@@ -5,7 +5,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Batch"]
+__all__ = ["Batch", "to_device"]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor` on `device`. A host tensor bound for a GPU is pinned first: only a copy from pinned memory
+    is asynchronous, from pageable memory the host waits for it."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 @dataclass
@@ -30,6 +39,6 @@ class Batch:
         return len(self.keys)
 
     def to(self, device: torch.device | str) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: to_device(t, device)  # noqa: E731
         return Batch({m: move(t) for m, t in self.inputs.items()}, {m: move(t) for m, t in self.present.items()},
                      move(self.labels), self.keys, {m: move(t) for m, t in self.lengths.items()})
