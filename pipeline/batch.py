@@ -38,6 +38,12 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def pin_memory(self) -> "Batch":
+        """This batch in pinned host memory; a DataLoader with pin_memory=True calls it in its pinning thread."""
+        pin = lambda t: t.pin_memory()  # noqa: E731
+        return Batch({m: pin(t) for m, t in self.inputs.items()}, {m: pin(t) for m, t in self.present.items()},
+                     pin(self.labels), self.keys, {m: pin(t) for m, t in self.lengths.items()})
+
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: to_device(t, device)  # noqa: E731
         return Batch({m: move(t) for m, t in self.inputs.items()}, {m: move(t) for m, t in self.present.items()},

@@ -275,6 +275,20 @@ def test_host_batches_bound_for_a_gpu_are_pinned_first(monkeypatch):
     assert calls == ["pin", ("cuda:0", True), ("cpu", True)]
 
 
+def test_the_dali_free_loader_pins_batches_for_a_gpu(tiny_shards, monkeypatch):
+    """The DataLoader's pinning thread calls Batch.pin_memory, which pins every tensor of the batch."""
+    from pipeline import LoaderConfig, load_dataset_info, make_loader
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t.shape) or t)
+    info = load_dataset_info(tiny_shards)
+    gpu, cpu = (make_loader(info, "val", LoaderConfig(workers=0), training=False, device_id=d, backend="wds")
+                for d in (0, None))
+    assert gpu._data_loader(None, []).pin_memory and not cpu._data_loader(None, []).pin_memory
+    batch = next(iter(cpu))
+    assert batch.pin_memory().keys == batch.keys and len(pinned) == 2 * len(batch.inputs) + 1 + len(batch.lengths)
+
+
 def test_loop_overhead_benchmark_quick(tiny_shards, monkeypatch):
     sys.path.insert(0, str(ROOT))
     from bench.loop_overhead import measure
