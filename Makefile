@@ -4,12 +4,15 @@
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
-# A CPU build of torch 2.13.0 lies on our machines' disk; on a GPU machine pip fetches the CUDA build.
-TORCH_SPEC ?= torch==2.13.0
+# The torch and DALI builds this machine's driver runs (ops/setup_torch.py --explain says why): the CPU build with
+# no NVIDIA GPU, else the CUDA build matching nvidia-smi's CUDA version. Override either, e.g.
+#   make setup TORCH_PIP="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" DALI_PIP=nvidia-dali-cuda120==2.4.0
+TORCH_PIP ?=
+DALI_PIP  ?=
 DEMO_DIR  ?= demo-out
 DEMO_ARGS ?=
 
-.PHONY: demo test setup system-deps clean
+.PHONY: demo test setup system-deps gpu-check clean
 
 demo: $(STAMP)
 	$(VENV)/bin/cotrain demo --workdir $(DEMO_DIR) $(DEMO_ARGS)
@@ -18,6 +21,10 @@ test: $(STAMP) system-deps
 	$(PY) -m pytest -q tests
 
 setup: $(STAMP)
+
+# The GPU check (bench/gpu_check.py): versions, NVDEC against DALI's CPU decoder, bf16 ZeRO-2/3 training; gpu-check.json
+gpu-check: $(STAMP) system-deps
+	$(PY) bench/gpu_check.py --out gpu-check.json
 
 # Debian's ffmpeg (ffmpeg-python drives its binaries) and prometheus (with promtool, for the observability
 # tests): installed when missing and we are root, otherwise a message saying what to install.
@@ -43,7 +50,10 @@ system-deps:
 $(STAMP): setup.py | system-deps
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	python3 ops/setup_torch.py --explain
+	torch="$(TORCH_PIP)"; [ -n "$$torch" ] || torch=$$(python3 ops/setup_torch.py --pip torch) || exit 1; \
+	  dali="$(DALI_PIP)"; [ -n "$$dali" ] || dali=$$(python3 ops/setup_torch.py --pip dali) || exit 1; \
+	  $(PY) -m pip install -q $$torch && $(PY) -m pip install -q $$dali
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

@@ -13,7 +13,8 @@ setup(
         "torch>=2.1",
         "numpy",
         "webdataset>=0.2.86",
-        "nvidia-dali-cuda120>=1.40",
+        # NVIDIA DALI is installed by `make setup` in the build the driver runs (nvidia-dali-cuda120 or
+        # nvidia-dali-cuda130, ops/setup_torch.py): both provide `nvidia.dali`, so neither is pinned here.
         "ffmpeg-python>=0.2",
         "deepspeed>=0.14",
         "prometheus-client>=0.17",

@@ -201,8 +201,11 @@ def resolve_run_config(preset, config_file, assignments, values: dict):
                    "at the checkpoint's epoch.")
 @click.option("--allow-new-shards", is_flag=True,
               help="Resume on shards other than the build the run started on (refused otherwise).")
+@click.option("--device", type=click.Choice(["auto", "cpu"]), default="auto", show_default=True,
+              help="auto: the GPU when there is one (refused when nvidia-smi sees a GPU torch cannot use); cpu: "
+                   "the CPU on purpose.")
 def train_cmd(preset, config_file, assignments, overwrite, resume_run, restart, allow_reshard, allow_new_shards,
-              **values) -> None:
+              device, **values) -> None:
     """Train a run: co-trained (default), one unimodal baseline, or the multimodal baseline.
 
     \b
@@ -210,7 +213,8 @@ def train_cmd(preset, config_file, assignments, overwrite, resume_run, restart, 
       cotrain train --shards shards/ --out runs/cotrain-s0 --preset quick
     """
     from .checkpoint import CheckpointError
-    from .run_folder import RunFinished, RunFolderError, check_new_run
+    from .device import GpuUnusableError
+    from .run_folder import RunFinished, check_new_run
     from .train import train
 
     try:
@@ -219,10 +223,10 @@ def train_cmd(preset, config_file, assignments, overwrite, resume_run, restart, 
         else:
             cfg = resolve_run_config(preset, config_file, assignments, values)
             check_new_run(Path(cfg.out), overwrite=overwrite)
-        train(cfg, resume=bool(resume_run), allow_reshard=allow_reshard)
+        train(cfg, resume=bool(resume_run), allow_reshard=allow_reshard, device=device)
     except RunFinished as done:
         click.echo(str(done))
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
+    except (ValueError, FileNotFoundError, CheckpointError, GpuUnusableError) as err:
         raise click.ClickException(str(err)) from err
 
 

@@ -14,6 +14,7 @@ from pipeline.config import LoaderConfig
 from pipeline.loader import BaseLoader, make_loader
 from pipeline.dataset import load_dataset_info
 
+from .device import loader_device_id
 from .scores import is_better, make_scorer, primary_metric
 
 __all__ = ["MODEL_FILE", "BEST_DIR", "build_run_model", "load_run", "score_branches", "evaluate_run", "format_scores",
@@ -71,7 +72,7 @@ def score_branches(model: CoTrainModel, loader: BaseLoader, *, branches: list[st
         everyone = torch.ones(len(batch), dtype=torch.bool, device=batch.labels.device)
         for branch in scored:
             mask = batch.present[branch] if not branch.startswith(TEACHER) else everyone
-            scorers[branch].update(logits[branch].cpu(), batch.labels.cpu(), mask.cpu())
+            scorers[branch].update(logits[branch].float().cpu(), batch.labels.cpu(), mask.cpu())  # bf16 on GPU
         if predictions is not None:
             record_predictions(predictions, batch, {b: logits[b] for b in branches})
     model.train(was_training)
@@ -123,8 +124,11 @@ def evaluate_run(run: str | Path, *, split: str = "test", shards: str | None = N
     if shards:
         from .shards_match import check_shards_match
         check_shards_match(payload, info)
+    device_id = loader_device_id()  # decode on the GPU where training did, with the same colour conversion
     loader = make_loader(info, split, LoaderConfig(**payload["config"]["loader"]),
-                         modalities=[s["name"] for s in payload["specs"]], training=False)
+                         modalities=[s["name"] for s in payload["specs"]], training=False, device_id=device_id)
+    device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
+    model.to(device)
     # branches that share weights (all of them with which='last') are scored in one pass
     sources: dict[Path | None, list[str]] = {}
     for branch in model.branches:
@@ -135,7 +139,8 @@ def evaluate_run(run: str | Path, *, split: str = "test", shards: str | None = N
     for source, branches in sources.items():
         state = payload["state_dict"] if source is None else torch.load(source, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-        scores.update(score_branches(model, loader, branches=branches, task=task, size=size, predictions=predictions))
+        scores.update(score_branches(model, loader, branches=branches, task=task, size=size,
+                                     prepare=lambda batch: batch.to(device), predictions=predictions))
     scores = {b: scores[b] for b in model.branches}
     result = {"split": split, "mode": payload["mode"], "which": which, "task": task, "branches": scores}
     write_predictions(run / f"predictions-{split}.jsonl", predictions)

@@ -16,32 +16,38 @@ __all__ = ["preprocess", "predict_files"]
 
 
 def _dali_decode(kind: str, encoded: bytes, spec: dict, loader: dict) -> torch.Tensor:
-    """Decode one encoded clip with the loader's own DALI graph on the CPU: video (C, T, H, W) from the centred
-    window, audio (F, T). Video DALI's CPU decoder cannot read (H.264) is decoded by ffmpeg first, as in the loader."""
+    """Decode one encoded clip with the loader's own DALI graph, on the GPU where training decoded (NVDEC where it
+    reads the clip's size), else on the CPU: video (C, T, H, W) from the centred window, audio (F, T). Video
+    DALI's CPU decoder cannot read (H.264) is decoded by ffmpeg first where NVDEC does not, as in the loader."""
     from nvidia.dali import fn, pipeline_def, types
 
     from pipeline.config import LoaderConfig
-    from pipeline.dali_loader import _audio, _video, decoded_in_feed
+    from pipeline.dali_loader import _audio, _video, decoded_in_feed, video_decoder
     from pipeline.decode import decode_video
     from pipeline.samples import model_frames
 
+    from .device import loader_device_id
+
     cfg = LoaderConfig(**loader)
-    frames_fed = kind == "video" and decoded_in_feed(spec, False)
+    device_id = loader_device_id()
+    gpu = device_id is not None
+    frames_fed = kind == "video" and decoded_in_feed(spec, gpu)
     raw = decode_video(encoded, height=spec["height"], width=spec["width"]) if frames_fed else \
         np.frombuffer(encoded, dtype=np.uint8)
 
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None, enable_conditionals=True, seed=0)
+    @pipeline_def(batch_size=1, num_threads=1, device_id=device_id, enable_conditionals=True, seed=0)
     def _pipe():
         data = fn.external_source(name="raw", dtype=types.UINT8, ndim=raw.ndim)
         if kind == "audio":
-            return _audio(data, spec, cfg, gpu=False)[0]
+            return _audio(data, spec, cfg, gpu=gpu)[0]
         centred = fn.constant(idata=[(int(spec["frames"]) - model_frames(spec, cfg)) // 2], dtype=types.INT32)
-        return _video(data, spec, cfg, centred, 0, gpu=False, frames_fed=frames_fed)[0]
+        return _video(data, spec, cfg, centred, 0, gpu=gpu, decoder=video_decoder(spec, gpu))[0]
 
     pipe = _pipe()
     pipe.build()
     pipe.feed_input("raw", [raw])
     (out,) = pipe.run()
+    out = out.as_cpu() if gpu else out
     return torch.from_numpy(np.array(out.as_array()[0]))
 
 

@@ -25,13 +25,19 @@ from pipeline.dataset import load_dataset_info
 
 from .checkpoint import CHECKPOINT_DIR, latest_tag, load_checkpoint, save_checkpoint
 from .config import RunConfig, config_hash, deepspeed_config, hashed_config, save_config
+from .device import all_reduce_flags, broadcast_object, check_torch_sees_gpu, compute_dtype, force_cpu, \
+    loader_device_id
 from .engine import build_engine, init_distributed, rank_info
 from .evaluate import BEST_DIR, MODEL_FILE, print_warning, score_branches, task_of
 from .run_folder import record_shards
 from .metrics import TrainingMetrics, read_grad_norm, write_scrape_target
+from .readback import StepReadback
 from .scores import is_better, metric_error, primary_metric
 
-__all__ = ["train"]
+__all__ = ["train", "READ_EVERY_STEPS"]
+
+READ_EVERY_STEPS = 10
+"""Loss terms, metrics and the gradient norm are read back from the device once per this many steps."""
 
 
 def _specs(cfg: RunConfig, modalities: dict[str, dict]) -> list[ModalitySpec]:
@@ -75,18 +81,22 @@ def _params_digest(state: dict[str, torch.Tensor]) -> str:
 class Trainer:
     """Owns the loop of one run; `fit()` trains, checkpoints, validates and saves."""
 
-    def __init__(self, cfg: RunConfig, *, resume: bool = False, allow_reshard: bool = False):
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, allow_reshard: bool = False, device: str = "auto"):
         self.cfg, self.out = cfg, Path(cfg.out)
+        if device == "cpu":
+            force_cpu()
+        check_torch_sees_gpu(device)
         self.out.mkdir(parents=True, exist_ok=True)
         init_distributed(cfg.cpu_threads)
         self.rank, self.local_rank, self.world = rank_info()
-        self.gpu = torch.cuda.is_available()
+        self.gpu = device != "cpu" and torch.cuda.is_available()
+        self.device_id = loader_device_id(self.local_rank) if self.gpu else None  # where the loaders decode
         torch.manual_seed(cfg.seed)
         self.info = load_dataset_info(cfg.shards)
         self.modalities = self.info.select(cfg.modalities)
         self.loader = make_loader(self.info, "train", cfg.loader, modalities=list(self.modalities), training=True,
                                   seed=cfg.seed, rank=self.rank, world_size=self.world,
-                                  device_id=self.local_rank if self.gpu else None)
+                                  device_id=self.device_id)
         self.specs = _specs(cfg, self.modalities)
         # the one source of the task type: the loss (cfg.task), validation and the report all read it from here
         self.task, self.task_size = task_of(self.info)
@@ -97,6 +107,8 @@ class Trainer:
         optimizer_steps = cfg.epochs * math.ceil(steps / cfg.optim.grad_accum)
         ds_config = deepspeed_config(cfg, total_steps=optimizer_steps, bf16=self.gpu)
         self.engine, self.scheduler = build_engine(model, ds_config)
+        self.dtype = compute_dtype(ds_config)  # inputs and rank 0's evaluation copy follow the engine's weights
+        self.readback = StepReadback(READ_EVERY_STEPS)
         self.metrics = TrainingMetrics(rank=self.rank, local_rank=self.local_rank, gpu=self.gpu)
         self.metrics.describe_run(version=_version(), zero_stage=cfg.optim.zero_stage, world_size=self.world,
                                   mode=cfg.mode, checkpoint_every=cfg.checkpoint.save_every)
@@ -134,6 +146,7 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         started = time.perf_counter()
+        self._record(self.readback.flush())  # the checkpointed epoch sums cover every step taken
         loader_state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
         tag = save_checkpoint(self.engine, self.out, step=self.state.step, rank=self.rank, world_size=self.world,
                               config_hash=config_hash(self.cfg), keep=self.cfg.checkpoint.keep,
@@ -155,34 +168,35 @@ class Trainer:
 
     # --- one micro-step ----------------------------------------------------------------------------------
     def _cast(self, batch):
+        """The batch on the engine's device (from pinned memory), float inputs in the engine's dtype (bf16 weights
+        need bf16 inputs); ids and masks stay as they are."""
         batch = batch.to(self.engine.device)
-        if self.gpu:  # bf16 weights need bf16 float inputs; ids and masks stay as they are
-            batch.inputs = {m: x.bfloat16() if x.is_floating_point() else x for m, x in batch.inputs.items()}
+        if self.dtype != torch.float32:
+            batch.inputs = {m: x.to(self.dtype) if x.is_floating_point() else x for m, x in batch.inputs.items()}
         return batch
 
-    def _agree(self, bad: bool) -> tuple[bool, bool]:
+    def _agree(self, bad) -> tuple[bool, bool]:
         """(any rank's loss is not finite, any rank was asked to stop): every rank must take the same
-        branch, or a collective in backward would wait forever."""
-        flags = torch.tensor([float(bad), float(self._signalled)])
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.all_reduce(flags)
-        return bool(flags[0] > 0), bool(flags[1] > 0)
+        branch, or a collective in backward would wait forever. `bad` may be a device tensor: this is the
+        loop's one read back per step, which the decision to step needs."""
+        bad, stop = all_reduce_flags([bad, self._signalled])
+        return bad, stop
 
-    def _micro_step(self, batch, last_in_epoch: bool) -> tuple[dict[str, float], float] | None:
-        """Forward, then backward and (at a group boundary) an optimizer step; None when skipped."""
+    def _micro_step(self, batch, last_in_epoch: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor] | None:
+        """Forward, then backward and (at a group boundary) an optimizer step; None when skipped. The loss
+        terms come back as device tensors (read later, in one go, by self.readback)."""
         loss, terms = step_loss(self.engine, batch, transfer=self.cfg.transfer, task=self.cfg.task,
                                 progress=self.state.step / max(self.total_steps, 1),
                                 stream_label_smoothing=self.cfg.fusion.stream_label_smoothing,
                                 muted=frozenset(self.state.muted))
-        bad, self._stop = self._agree(not bool(torch.isfinite(loss)))
+        bad, self._stop = self._agree(~torch.isfinite(loss.detach()))
         if bad:
             self._skip_bad_step()
             return None
         self.state.bad_in_row = 0
         self.engine.backward(loss * self._group_rescale(last_in_epoch))
         self.engine.step()
-        return {k: float(v.detach()) for k, v in terms.items()}, float(loss.detach())
+        return terms, loss
 
     def _group_rescale(self, last_in_epoch: bool) -> float:
         """Declare the accumulation boundary ourselves, so a partial group at the end of an epoch is
@@ -217,8 +231,7 @@ class Trainer:
     def _epoch(self) -> dict[str, float] | None:
         """The rest of the current epoch; the mean of each loss term, or None when stopped by SIGTERM."""
         self.engine.train()
-        # the epoch's loss sums live in the checkpointed state, so a resumed epoch reports the whole epoch
-        sums, samples, started = self.state.epoch_sums, 0, time.perf_counter()
+        samples, started = 0, time.perf_counter()
         steps = self.loader.steps_per_epoch
         batches = itertools.islice(self.loader.epoch(), steps - self.state.batch_in_epoch)
         while True:
@@ -233,21 +246,33 @@ class Trainer:
             self.state.batch_in_epoch += 1
             if result is not None:
                 terms, total = result
-                self.metrics.record_step(terms=terms, total=total, batch_size=len(batch), step_seconds=t2 - t1,
-                                         wait_seconds=t1 - t0, lr=self.scheduler.get_last_lr()[0],
-                                         grad_norm=read_grad_norm(self.engine),
-                                         loader_skipped=getattr(self.loader, "skipped", None))
-                for k, v in dict(terms, total=total).items():
-                    sums[k] = sums.get(k, 0.0) + v
-                self.state.epoch_count, samples = self.state.epoch_count + 1, samples + len(batch)
+                self._record(self.readback.add(terms, total, batch_size=len(batch), step_seconds=t2 - t1,
+                                               wait_seconds=t1 - t0, lr=self.scheduler.get_last_lr()[0],
+                                               loader_skipped=dict(getattr(self.loader, "skipped", None) or {})))
+                samples += len(batch)
             if self._after_step():
                 return None
-        means = {k: v / self.state.epoch_count for k, v in sums.items()}
+        self._record(self.readback.flush())
+        means = {k: v / self.state.epoch_count for k, v in self.state.epoch_sums.items()}
         rate = samples * self.world / max(time.perf_counter() - started, 1e-9)
         _log(self.rank, f"epoch {self.state.epoch + 1}/{self.cfg.epochs}  loss {means.get('total', float('nan')):.4f}  "
                         + "  ".join(f"{k.removesuffix('_loss')} {v:.3f}" for k, v in means.items() if k != "total")
                         + f"  {rate:.1f} samples/s")
         return means
+
+    def _record(self, records) -> None:
+        """Metrics and the epoch's sums from steps read back together; the gradient norm is read once, for the
+        last of them. The sums live in the checkpointed state, so a resumed epoch reports the whole epoch."""
+        sums = self.state.epoch_sums
+        for i, record in enumerate(records):
+            host = record.host
+            self.metrics.record_step(terms=record.terms, total=record.total, batch_size=host["batch_size"],
+                                     step_seconds=host["step_seconds"], wait_seconds=host["wait_seconds"],
+                                     lr=host["lr"], loader_skipped=host["loader_skipped"],
+                                     grad_norm=read_grad_norm(self.engine) if i == len(records) - 1 else None)
+            for k, v in dict(record.terms, total=record.total).items():
+                sums[k] = sums.get(k, 0.0) + v
+        self.state.epoch_count += len(records)
 
     def _after_step(self) -> bool:
         """Periodic checkpoint, SIGTERM, fault hooks; True when the run must stop now."""
@@ -279,10 +304,11 @@ class Trainer:
         gathers the weights into rank 0's plain copy, which validates alone."""
         if self.rank != 0 or self.info.samples("val") == 0 or self.cfg.eval_every == 0:
             return None, None
-        loader = make_loader(self.info, "val", self.cfg.loader, modalities=list(self.modalities), training=False)
+        loader = make_loader(self.info, "val", self.cfg.loader, modalities=list(self.modalities), training=False,
+                             device_id=self.device_id)
         copy = None
-        if self.cfg.optim.zero_stage == 3:
-            copy = self._build_model().to(self.engine.device)
+        if self.cfg.optim.zero_stage == 3:  # in the engine's dtype, which _cast gives the inputs
+            copy = self._build_model().to(device=self.engine.device, dtype=self.dtype)
         return loader, copy
 
     def _validation_model(self):
@@ -341,12 +367,9 @@ class Trainer:
 
     def _share_transformer_weight(self) -> None:
         """Every rank's teacher uses the weight rank 0's validation chose (a collective when it validated)."""
-        chosen = [self._chosen_weight]
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.broadcast_object_list(chosen, src=0)
-        if chosen[0] is not None:
-            self.engine.module.set_transformer_weight(chosen[0])
+        chosen = broadcast_object(self._chosen_weight)
+        if chosen is not None:
+            self.engine.module.set_transformer_weight(chosen)
 
     def _guard(self, val: dict[str, float] | None) -> None:
         """transfer.guard: after a validation, mute the students the teacher does not clearly beat (rank 0
@@ -354,10 +377,7 @@ class Trainer:
         transfer = self.cfg.transfer
         if transfer.guard == "none" or self.cfg.mode != "cotrain":
             return
-        decided = [None if val is None else muted_students(val, self.task, transfer.guard_margin)]
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.broadcast_object_list(decided, src=0)
+        decided = [broadcast_object(None if val is None else muted_students(val, self.task, transfer.guard_margin))]
         if decided[0] is None or decided[0] == self.state.muted:
             return
         self.state.muted = decided[0]
@@ -461,7 +481,7 @@ def muted_students(val: dict[str, float], task: str, margin: float) -> list[str]
     return sorted(b for b, v in val.items() if b != TEACHER and teacher > (1 - margin) * metric_error(task, v))
 
 
-def train(cfg: RunConfig, *, resume: bool = False, allow_reshard: bool = False) -> Path:
-    """Train one run and return its directory."""
-    Trainer(cfg, resume=resume, allow_reshard=allow_reshard).fit()
+def train(cfg: RunConfig, *, resume: bool = False, allow_reshard: bool = False, device: str = "auto") -> Path:
+    """Train one run and return its directory (`device`: ops.device.DEVICES)."""
+    Trainer(cfg, resume=resume, allow_reshard=allow_reshard, device=device).fit()
     return Path(cfg.out)

@@ -5,7 +5,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Batch"]
+__all__ = ["Batch", "to_device"]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor` on `device`. A host tensor bound for a GPU is pinned first: only a copy from pinned memory
+    is asynchronous, from pageable memory the host waits for it."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 @dataclass
@@ -29,7 +38,13 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def pin_memory(self) -> "Batch":
+        """This batch in pinned host memory; a DataLoader with pin_memory=True calls it in its pinning thread."""
+        pin = lambda t: t.pin_memory()  # noqa: E731
+        return Batch({m: pin(t) for m, t in self.inputs.items()}, {m: pin(t) for m, t in self.present.items()},
+                     pin(self.labels), self.keys, {m: pin(t) for m, t in self.lengths.items()})
+
     def to(self, device: torch.device | str) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: to_device(t, device)  # noqa: E731
         return Batch({m: move(t) for m, t in self.inputs.items()}, {m: move(t) for m, t in self.present.items()},
                      move(self.labels), self.keys, {m: move(t) for m, t in self.lengths.items()})

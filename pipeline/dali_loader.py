@@ -4,9 +4,11 @@ loader's own epoch plan, so the order is seeded per epoch, resumable and identic
     plan (epoch, step) -> read members (corrupt: replace) -> fn.external_source -> per-modality decode ->
     (x_m, present_m) -> DALIGenericIterator -> Batch (keys, labels, lengths from the feed's queue)
 
-Video is decoded on the GPU (`device="mixed"`, any codec NVDEC reads) when a device id is given, and by
-DALI's CPU decoder otherwise, except H.264, which DALI's CPU decoder cannot read: those clips are
-decoded by ffmpeg inside the feed (a thread pool) and enter the pipeline as frames. Audio becomes
+Video is decoded on the GPU (`device="mixed"`, any codec NVDEC reads) when a device id is given and the
+clips are at least NVDEC's minimum coded size for their codec, and by DALI's CPU decoder otherwise (then
+copied to the GPU), except H.264, which DALI's CPU decoder cannot read: those clips are decoded by ffmpeg
+inside the feed (a thread pool) and enter the pipeline as frames. The feed reads ahead
+(`READ_AHEAD_BATCHES`) in its thread pool, so reading and decoding overlap the training step. Audio becomes
 per-sample-normalised log-mel or MFCC features with DALI's spectrogram operators. A missing modality
 gets zeros and `present = False` through DALI conditionals, so a batch never shrinks.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -31,9 +34,17 @@ from .loader import BaseLoader
 from .samples import choose, encode_labels, feature_length, model_frames, read_or_replace
 from .source import CorruptSample
 
-__all__ = ["LoaderConfig", "DaliLoader", "model_inputs"]
+__all__ = ["LoaderConfig", "DaliLoader", "model_inputs", "video_decoder", "NVDEC_MIN_SIZE", "READ_AHEAD_BATCHES"]
 
 CPU_DECODABLE_CODECS = ("vp8", "vp9", "mjpeg")
+# NVDEC's minimum coded (width, height) per codec, from NVIDIA's Video Codec SDK decoder capabilities (the driver
+# reports them through cuvidGetDecoderCaps' nMinWidth/nMinHeight); below them DALI's mixed decoder fails with
+# "Video is too small in at least one dimension".
+NVDEC_MIN_SIZE = {"h264": (48, 16), "hevc": (144, 144), "vp8": (48, 16), "vp9": (128, 128), "av1": (128, 128),
+                  "mjpeg": (64, 64)}
+READ_AHEAD_BATCHES = 2
+"""Batches the feed reads and decodes ahead of DALI's request, in its thread pool."""
+_warned_small: set = set()
 
 
 def model_inputs(modalities: dict[str, dict], cfg: LoaderConfig) -> dict[str, dict]:
@@ -54,10 +65,45 @@ def model_inputs(modalities: dict[str, dict], cfg: LoaderConfig) -> dict[str, di
     return shapes
 
 
+def _codec(spec: dict) -> str | None:
+    return spec.get("codec") or {"webm": "vp9", "avi": "mjpeg", "mp4": "h264"}.get(spec["ext"].rsplit(".")[-1])
+
+
+def nvdec_reads(spec: dict) -> bool:
+    """Whether NVDEC can decode this video modality's clips (its codec, at its stored size)."""
+    minimum = NVDEC_MIN_SIZE.get(_codec(spec))
+    return minimum is not None and spec["width"] >= minimum[0] and spec["height"] >= minimum[1]
+
+
+def video_decoder(spec: dict, gpu: bool) -> str:
+    """Who decodes a video modality: "mixed" (NVDEC), "cpu" (DALI's CPU decoder) or "feed" (ffmpeg in the feed,
+    for what DALI's CPU decoder cannot read: H.264)."""
+    if gpu and nvdec_reads(spec):
+        return "mixed"
+    return "cpu" if _codec(spec) in CPU_DECODABLE_CODECS else "feed"
+
+
 def decoded_in_feed(spec: dict, gpu: bool) -> bool:
-    """Video DALI's CPU decoder cannot read (H.264): ffmpeg decodes it in the feed."""
-    codec = spec.get("codec") or {"webm": "vp9", "avi": "mjpeg", "mp4": "h264"}.get(spec["ext"].rsplit(".")[-1])
-    return spec["kind"] == "video" and not gpu and codec not in CPU_DECODABLE_CODECS
+    """Video that reaches DALI as frames, decoded by ffmpeg in the feed."""
+    return spec["kind"] == "video" and video_decoder(spec, gpu) == "feed"
+
+
+def warn_if_too_small_for_nvdec(modalities: dict[str, dict]) -> None:
+    """One warning per modality and size: clips below NVDEC's minimum decode on the CPU, and how to avoid it."""
+    for name, spec in modalities.items():
+        if spec["kind"] != "video" or nvdec_reads(spec):
+            continue
+        key = (name, _codec(spec), spec["width"], spec["height"])
+        if key in _warned_small:
+            continue
+        _warned_small.add(key)
+        width, height = NVDEC_MIN_SIZE.get(_codec(spec), (None, None))
+        why = (f"below NVDEC's minimum coded size for {_codec(spec)} ({width}x{height})" if width
+               else f"in a codec NVDEC does not read ({_codec(spec)})")
+        warnings.warn(f"{name}: {spec['width']}x{spec['height']} clips are {why}, so they are decoded on the CPU "
+                      f"and copied to the GPU. To decode on the GPU, build shards with `cotrain shards build ... "
+                      f"--size {max(height or 128, spec['height'])}x{max(width or 128, spec['width'])}` "
+                      "(or larger).", stacklevel=3)
 
 
 # -- graph ------------------------------------------------------------------------------------------
@@ -68,13 +114,16 @@ def _zeros(shape: list[int], layout: str, gpu: bool):
     return fn.constant(fdata=0.0, shape=shape, dtype=types.FLOAT, layout=layout, device="gpu" if gpu else "cpu")
 
 
-def _video(data, spec: dict, cfg: LoaderConfig, start, flip, *, gpu: bool, frames_fed: bool):
+def _video(data, spec: dict, cfg: LoaderConfig, start, flip, *, gpu: bool, decoder: str):
+    """`decoder` from video_decoder(): frames decoded on the CPU go to the GPU in a GPU pipeline."""
     from nvidia.dali import fn, types
 
     present = data.shape()[0] > 0
     count = model_frames(spec, cfg)
     if present:
-        frames = data if frames_fed else fn.decoders.video(data, device="mixed" if gpu else "cpu")
+        frames = data if decoder == "feed" else fn.decoders.video(data, device=decoder)
+        if gpu and decoder != "mixed":
+            frames = frames.gpu()
         frames = fn.reshape(frames, layout="FHWC")
         clip = fn.slice(frames, start, fn.constant(idata=[count], dtype=types.INT32), axes=[0])
         # (T, H, W, C) uint8 -> (C, T, H, W) float, normalised; `mirror` is the per-sample horizontal flip
@@ -183,7 +232,7 @@ def build_pipeline(modalities: dict[str, dict], cfg: LoaderConfig, feed, *, seed
             kind = spec["kind"]
             if kind == "video":
                 x = _video(data, spec, cfg, by_name[(name, "start")], by_name[(name, "flip")], gpu=gpu,
-                           frames_fed=decoded_in_feed(spec, gpu))
+                           decoder=video_decoder(spec, gpu))
             elif kind == "depth":
                 x = _depth(data, spec, cfg, by_name[(name, "start")], by_name[(name, "flip")], gpu=gpu)
             elif kind == "audio":
@@ -212,21 +261,36 @@ class _Feed:
         self.layout = _feed_layout(loader.modalities)
         self.gpu = loader.device_id is not None
         self._parts: dict[int, np.ndarray] = {}
+        self._ahead: collections.deque = collections.deque()  # (tag, per-sample futures), oldest first
         self._pool = ThreadPoolExecutor(max(1, loader.cfg.threads))
 
     def _part(self, epoch: int) -> np.ndarray:
-        if epoch not in self._parts:
-            self._parts = {epoch: self.loader.part(epoch)}
+        if epoch not in self._parts:  # read-ahead may straddle two epochs
+            self._parts = {e: p for e, p in self._parts.items() if e >= epoch - 1}
+            self._parts[epoch] = self.loader.part(epoch)
         return self._parts[epoch]
 
+    def _read_ahead(self) -> None:
+        """Submit batches to the thread pool until READ_AHEAD_BATCHES are in flight."""
+        while len(self._ahead) < READ_AHEAD_BATCHES:
+            tag = next(self.tags, None)
+            if tag is None:
+                return
+            epoch, step = tag
+            part = self._part(epoch)
+            positions = self.loader.plan.positions(len(part), step)
+            self._ahead.append((tag, [self._pool.submit(self._one, part, p, epoch) for p in positions]))
+
+    def pending_tags(self) -> list:
+        """Tags handed to DALI but not yet yielded, then those read ahead: where a rebuilt pipeline resumes."""
+        return [queued[0] for queued in self.queue] + [tag for tag, _ in self._ahead]
+
     def __call__(self):
-        tag = next(self.tags, None)
-        if tag is None:
+        self._read_ahead()
+        if not self._ahead:
             raise StopIteration
-        epoch, step = tag
-        part = self._part(epoch)
-        positions = self.loader.plan.positions(len(part), step)
-        futures = [self._pool.submit(self._one, part, p, epoch) for p in positions]
+        tag, futures = self._ahead.popleft()
+        self._read_ahead()
         rows = [f.result() for f in futures]
         skipped = collections.Counter()
         for _sample, _row, counts in rows:
@@ -275,6 +339,15 @@ class DaliLoader(BaseLoader):
 
     backend = "dali"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        gpu = self.device_id is not None
+        self.video_decoders = {name: video_decoder(spec, gpu) for name, spec in self.modalities.items()
+                               if spec["kind"] == "video"}
+        """Who decodes each video modality (video_decoder): NVDEC only where it reads the stored size."""
+        if gpu:
+            warn_if_too_small_for_nvdec(self.modalities)
+
     def _run(self, tags):
         """(tag, Batch, skipped) per batch of `tags`, through a freshly built pipeline. Under `skip`, a batch
         DALI fails to decode is rebuilt by the DALI-free decoders (which replace the bad sample) and the
@@ -289,7 +362,7 @@ class DaliLoader(BaseLoader):
                 if self.cfg.on_corrupt != "skip" or not feed.queue:
                     raise
                 tag, _samples, skipped = feed.queue.popleft()
-                tags = itertools.chain([queued[0] for queued in feed.queue], tags)
+                tags = itertools.chain(feed.pending_tags(), tags)
                 batch, fallback_skipped = self._decode_without_dali(tag)
                 yield tag, batch, skipped + fallback_skipped
             finally:

@@ -186,7 +186,8 @@ def make_loader(info: DatasetInfo, split: str, cfg: LoaderConfig, *, modalities:
         backend = "dali" if dali_importable() else "wds"
     if backend == "dali":
         if not dali_importable():
-            raise ImportError("backend 'dali' needs nvidia-dali (pip install nvidia-dali-cuda120); "
+            raise ImportError("backend 'dali' needs nvidia-dali (`make setup` installs the build for this machine: "
+                              "nvidia-dali-cuda120 or nvidia-dali-cuda130); "
                               "or use backend 'wds'")
         from .dali_loader import DaliLoader as chosen
     else:

@@ -145,6 +145,8 @@ class WdsLoader(BaseLoader):
         return torch.utils.data.DataLoader(tasks, batch_size=None, sampler=tags, num_workers=workers,
                                            collate_fn=_as_is,
                                            prefetch_factor=2 if workers else None,
+                                           # batches bound for a GPU are pinned in the loader's thread
+                                           pin_memory=self.device_id is not None,
                                            multiprocessing_context=_worker_context() if workers else None,
                                            persistent_workers=False)
 

@@ -108,7 +108,9 @@ def test_h264_on_the_cpu_path_is_decoded_in_the_feed(h264_shards, tiny_shards):
     from pipeline.dali_loader import decoded_in_feed
 
     info = load_dataset_info(h264_shards)
-    assert decoded_in_feed(info.modalities["rgb"], gpu=False) and not decoded_in_feed(info.modalities["rgb"], gpu=True)
+    rgb = info.modalities["rgb"]  # 32x32: below NVDEC's 48x16 minimum for H.264, so the feed decodes it on a GPU too
+    assert decoded_in_feed(rgb, gpu=False) and decoded_in_feed(rgb, gpu=True)
+    assert not decoded_in_feed(dict(rgb, width=64, height=64), gpu=True)
     cfg = LoaderConfig(batch_size=4, workers=0)
     dali, wds = ([b for b in make_loader(info, "val", cfg, modalities=["rgb"], training=False, backend=name)]
                  for name in ("dali", "wds"))
@@ -120,15 +122,13 @@ def test_h264_on_the_cpu_path_is_decoded_in_the_feed(h264_shards, tiny_shards):
             assert (clip - vp9[key]).abs().mean() < 0.25
 
 
-def test_gpu_check_loader_part_runs_its_cpu_variant(h264_shards):
-    import subprocess
+def test_loader_check_runs_its_cpu_variant(h264_shards):
     import sys
 
     from bench.loader_check import check
 
     result = check(str(h264_shards), "cpu", split="val")
     assert result["ok"] and result["clips"] == 5 and result["path"] == "dali-cpu"
-    assert subprocess.run(["bash", "-n", "bench/gpu_check.sh"], check=False).returncode == 0
     assert sys.modules["bench.loader_check"].MEAN_TOLERANCE_LEVELS >= result["worst_clip_mean_abs_diff_levels"]
 
 
