@@ -75,10 +75,10 @@ class FusionConfig:
     Trained jointly, a fusion model fits the easiest modality first and leaves the others under-trained
     (modality competition); a loss per stream makes every stream learn its modality, so the teacher
     can be stronger than each student."""
-    stream_label_smoothing: float = 0.2
-    """Label smoothing of the stream losses. Experts trained on noisy labels memorise them and grow
-    overconfident, and a product of overconfident experts is only as good as the loudest one; smoothed
-    targets keep their probabilities honest so the product votes."""
+    stream_label_smoothing: float = 0.0
+    """Label smoothing of the stream losses. 0 trains each stream as its unimodal baseline is trained, so the
+    streams' late fusion matches late fusion of the baselines (the bar the teacher must clear): with 0.2 the
+    video stream of a 10-class video + audio corpus stayed 14 points below its baseline on validation."""
     late_fusion: bool = True
     """Combine the Transformer with the product of the per-modality streams' (detached) predictions (beyond the
     paper): teacher = late fusion + w * Transformer, with w chosen from transformer_weights on validation.
@@ -268,7 +268,7 @@ class MultimodalBranch(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, num_classes)
         self.modality_dropout = cfg.modality_dropout
-        self.stream_heads = nn.ModuleDict({m: nn.Linear(widths[m], num_classes) for m in self.order}) \
+        self.stream_heads = nn.ModuleDict({m: _stream_head(widths[m], num_classes) for m in self.order}) \
             if cfg.stream_loss else None
         if cfg.late_fusion and not cfg.stream_loss:
             raise ValueError("fusion.late_fusion needs fusion.stream_loss: the streams' own losses train the experts")
@@ -418,6 +418,12 @@ def combine_teacher(fused: torch.Tensor, transformer: torch.Tensor, weight: torc
     if task == "regression":
         return (fused + weight * transformer) / (1 + weight)
     return fused + weight * (torch.log_softmax(transformer, dim=-1) if task == "class" else transformer)
+
+
+def _stream_head(width: int, num_classes: int) -> nn.Sequential:
+    """A stream's head, as a student's (StudentBranch: LayerNorm, then Linear over the pooled tokens), so that
+    each stream trains like its unimodal baseline."""
+    return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, num_classes))
 
 
 def _zero_linear(width: int, out: int) -> nn.Linear:

@@ -354,7 +354,8 @@ def _nest(table: dict[tuple[str, str], dict[str, list[float]]]) -> dict:
 
 def summarize(cells: list[Cell]) -> tuple[dict, dict]:
     """(results, details): test summaries in the issue's shape; validation, metric and times beside them."""
-    results = _nest({**_entry_values(cells, "test"), **_late_fusion_values(cells, "test")})
+    per_seed = {**_entry_values(cells, "test"), **_late_fusion_values(cells, "test")}
+    results = _nest(per_seed)
     validation = _nest({**_entry_values(cells, "val"), **_late_fusion_values(cells, "val")})
     details: dict = {}
     for task in results:
@@ -369,6 +370,9 @@ def summarize(cells: list[Cell]) -> tuple[dict, dict]:
             "train_seconds": sum(_wall(run) for run in {c.run for c in cells if c.task == task}),
             "configs": {c.entry: _config_digest(c.cfg) for c in cells if c.task == task and c.seed == first.seed},
             "muted": _muted_seeds([c for c in cells if c.task == task]),
+            # the goals' per-seed checks pair the seeds of these entries, in the spec's seed order
+            "per_seed": {entry: branches for (t, entry), branches in per_seed.items()
+                         if t == task and entry in ("unimodal", "multimodal", "cotrain", "late_fusion")},
         }
     return results, details
 

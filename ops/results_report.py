@@ -56,8 +56,69 @@ def _baseline_section(task: str, results: dict, details: dict, plots: Path, link
                      f"| {_fmt(alone, scale)} | {_fmt(co[branch], scale)} | {diff} | "
                      f"{'' if branch == TEACHER else _fmt(teacher, scale)} | {verdict(alone, co[branch], larger)} | "
                      f"{'' if branch == TEACHER else _seeds_of(muted.get(branch, 0), co[branch]['n'])} |")
+    fused = results.get("late_fusion", {}).get(TEACHER)
+    if fused:
+        lines.append(f"| late fusion of the baselines | {_fmt(val.get('late_fusion', {}).get(TEACHER), scale)} | | "
+                     f"{_fmt(fused, scale)} | | | | | |")
     _plot_baselines(results, metric, plots / f"{task}-baselines.png")
-    return lines + ["", f"![{task}: alone against co-trained]({link}/{task}-baselines.png)", ""]
+    return lines + ["", f"![{task}: alone against co-trained]({link}/{task}-baselines.png)", ""] + \
+        goal_lines(results, details)
+
+
+GOAL_MARGIN, GOAL_LEAD, GOAL_GAIN, GOAL_SEED_LOSS = 0.005, 0.10, 0.015, 0.02
+_ROUNDING = 1e-9  # 0.6 - 0.58 is 0.0200000000000000018: a loss of exactly the bound meets it
+"""The defaults' goals, in the metric's units (0.005 = 0.5 points of accuracy): no student more than
+GOAL_MARGIN below its baseline; a student the teacher leads by GOAL_LEAD or more gains GOAL_GAIN; the
+co-trained teacher >= from scratch >= late fusion; no seed loses more than GOAL_SEED_LOSS on any branch."""
+
+
+def goal_checks(results: dict, details: dict) -> list[tuple[str, bool, str]]:
+    """(goal, met, the numbers) for each of the defaults' goals on one task (test split, means over seeds)."""
+    sign = 1 if details["larger_is_better"] else -1
+    co, alone = results["cotrain"], results.get("unimodal", {})
+    checks = []
+    for branch in (b for b in _branches(co) if b != TEACHER and b in alone):
+        gain = sign * (co[branch]["mean"] - alone[branch]["mean"])
+        lead = sign * (co[TEACHER]["mean"] - alone[branch]["mean"]) if TEACHER in co else 0.0
+        checks.append((f"{branch}: no more than {GOAL_MARGIN:g} below trained alone", gain >= -GOAL_MARGIN - _ROUNDING,
+                       f"{gain:+.3f}"))
+        if lead >= GOAL_LEAD - _ROUNDING:
+            checks.append((f"{branch}: the teacher leads it by {lead:.3f}, so it gains {GOAL_GAIN:g} or more",
+                           gain >= GOAL_GAIN - _ROUNDING, f"{gain:+.3f}"))
+    order = [(n, results.get(e, {}).get(TEACHER)) for n, e in
+             (("co-trained teacher", "cotrain"), ("multimodal from scratch", "multimodal"),
+              ("late fusion", "late_fusion"))]
+    for (upper, a), (lower, b) in zip(order, order[1:]):
+        if a and b:
+            checks.append((f"{upper} >= {lower}", sign * (a["mean"] - b["mean"]) >= 0,
+                           f"{a['mean']:.3f} against {b['mean']:.3f}"))
+    worst = _worst_seed_loss(details.get("per_seed", {}), sign)
+    if worst is not None:
+        checks.append((f"no seed loses more than {GOAL_SEED_LOSS:g} on any branch", worst[0] <= GOAL_SEED_LOSS + _ROUNDING,
+                       f"worst: {worst[1]} seed #{worst[2]} {-worst[0]:+.3f}"))
+    return checks
+
+
+def _worst_seed_loss(per_seed: dict, sign: int) -> tuple[float, str, int] | None:
+    """(largest per-seed loss, branch, seed position) of co-training against the same seed's baseline."""
+    co = per_seed.get("cotrain", {})
+    worst = None
+    for branch, values in co.items():
+        base = per_seed.get("multimodal" if branch == TEACHER else "unimodal", {}).get(branch, [])
+        for i, (v, b) in enumerate(zip(values, base)):
+            loss = sign * (b - v)
+            if worst is None or loss > worst[0]:
+                worst = (loss, branch, i)
+    return worst
+
+
+def goal_lines(results: dict, details: dict) -> list[str]:
+    checks = goal_checks(results, details)
+    if not checks:
+        return []
+    lines = ["Goals of the defaults (test, means over seeds; per seed for the last):", ""]
+    lines += [f"- {'met' if met else '**missed**'}: {goal} ({numbers})" for goal, met, numbers in checks]
+    return lines + [""]
 
 
 def _seeds_of(count: int, seeds: int) -> str:

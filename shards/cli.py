@@ -45,26 +45,52 @@ shards_group = click.Group("shards", help="Build WebDataset shards (with DALI in
               show_default=True, help="Samples.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--classes", type=click.IntRange(min=2), default=None,
-              help="Number of classes of --task demo [default: 6]; the other tasks have fixed classes.")
+              help="Number of classes of --task demo [default: 6] or family [default: 10]; the other tasks have "
+                   "fixed classes.")
+@click.option("--size", type=click.IntRange(min=16), default=None,
+              help="--task family: frame size in pixels [default: 48]; build its shards with --size SxS.")
+@click.option("--strength", default=None, metavar="rgb=P,audio=P",
+              help="--task family: the chance each modality's signal is clear [default: rgb=0.6,audio=0.5].")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Encoding processes.")
-def synth_command(task: str, out: Path, count: int, seed: int, classes: int | None, workers: int) -> None:
+def synth_command(task: str, out: Path, count: int, seed: int, classes: int | None, size: int | None,
+                  strength: str | None, workers: int) -> None:
     """Write a synthetic corpus whose modalities carry the label noisily and differently.
 
     \b
     Example:
-      cotrain shards synth --task emotion --out corpus/ --count 200
+      cotrain shards synth --task family --classes 20 --size 64 --strength rgb=0.7,audio=0.4 --out corpus/
     """
     from shards.synth_tasks import TASKS, write_task_corpus
     if task not in TASKS:
         raise click.BadParameter(f"{task!r} is not a synthetic task; use one of {', '.join(TASKS)}.",
                                  param_hint="--task")
-    if classes is not None and task != "demo":
+    if classes is not None and task not in ("demo", "family"):
         raise click.BadParameter(f"--task {task} has a fixed set of classes; --classes applies to --task demo "
-                                 f"only.", param_hint="--classes")
+                                 f"and family only.", param_hint="--classes")
+    if (size or strength) and task != "family":
+        raise click.BadParameter("--size and --strength apply to --task family only.", param_hint="--task")
+    family = _family_options(classes, size, strength) if task == "family" else None
     started = time.monotonic()
-    manifest = write_task_corpus(task, out, n=count, seed=seed, workers=workers, num_classes=classes or 6)
+    try:
+        manifest = write_task_corpus(task, out, n=count, seed=seed, workers=workers, num_classes=classes or 6,
+                                     family=family)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     click.echo(f"Wrote {count} {task} samples (seed {seed}) in {time.monotonic() - started:.1f} s; "
                f"manifest: {manifest}")
+
+
+def _family_options(classes: int | None, size: int | None, strength: str | None) -> dict:
+    """The family member's parameters given on the command line (the others keep their defaults)."""
+    options: dict = {k: v for k, v in (("classes", classes), ("size", size)) if v is not None}
+    if strength:
+        pairs = [item.partition("=") for item in strength.split(",")]
+        try:
+            options["strength"] = {name.strip(): float(value) for name, _, value in pairs}
+        except ValueError:
+            raise click.BadParameter(f"{strength!r} is not rgb=P,audio=P with P a number, e.g. rgb=0.7,audio=0.4",
+                                     param_hint="--strength") from None
+    return options
 
 
 @shards_group.command("build")

@@ -56,9 +56,9 @@ class FamilyMember(dict):
         if unknown:
             raise ValueError(f"family strength has modalities rgb and audio; unknown {unknown}")
         for name, value in strength.items():
-            if not 1.0 / classes <= value <= 1.0:
-                raise ValueError(f"family strength.{name} = {value} must be in [1/classes, 1] = "
-                                 f"[{1.0 / classes:.3f}, 1]: it is the chance the modality's signal is clear")
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"family strength.{name} = {value} must be in [0, 1]: it is the chance the "
+                                 "modality's signal is clear")
         super().__init__(classes=classes, size=size, strength=strength)
 
 

@@ -120,7 +120,7 @@ def test_quick_grid_of_the_shipped_spec_runs_every_cell(tmp_path):
     assert set(results) == set(spec.tasks)
     for name, task in spec.tasks.items():
         entries = {f"{a}/{v}" for a, variants in task.ablations.items() for v in variants}
-        assert {"unimodal", "multimodal", "cotrain"} | entries == set(results[name])
+        assert {"unimodal", "multimodal", "cotrain", "late_fusion"} | entries == set(results[name])
         assert all(s["n"] == 1 for entry in results[name].values() for s in entry.values())
 
 
@@ -166,3 +166,41 @@ def test_an_ablation_of_multimodal_only_runs_is_chosen_by_the_teacher(tmp_path):
     report = write_results_report({"t": test}, {"t": details}, tmp_path / "results.md")
     assert "Chosen on validation (the teacher's mae): **learned**." in report
     assert (tmp_path / "results" / "t-scratch.png").stat().st_size > 1000
+
+
+def test_goal_checks_say_which_goal_each_task_meets_with_its_numbers():
+    from ops.results_report import goal_checks, goal_lines
+
+    def s(mean):
+        return {"mean": mean, "std": 0.01, "n": 2}
+
+    results = {"unimodal": {"a": s(0.60), "b": s(0.80)}, "multimodal": {"multimodal": s(0.85)},
+               "late_fusion": {"multimodal": s(0.86)}, "cotrain": {"a": s(0.62), "b": s(0.79), "multimodal": s(0.87)}}
+    per_seed = {"unimodal": {"a": [0.6, 0.6], "b": [0.8, 0.8]}, "multimodal": {"multimodal": [0.85, 0.85]},
+                "cotrain": {"a": [0.66, 0.58], "b": [0.79, 0.79], "multimodal": [0.87, 0.87]}}
+    checks = {goal: (met, numbers) for goal, met, numbers in
+              goal_checks(results, {"larger_is_better": True, "per_seed": per_seed})}
+    assert checks["a: no more than 0.005 below trained alone"] == (True, "+0.020")
+    assert checks["a: the teacher leads it by 0.270, so it gains 0.015 or more"] == (True, "+0.020")
+    assert checks["b: no more than 0.005 below trained alone"] == (False, "-0.010")
+    assert not any(goal.startswith("b: the teacher leads") for goal in checks)  # a lead of 0.07 asks nothing
+    assert checks["co-trained teacher >= multimodal from scratch"][0]
+    assert checks["multimodal from scratch >= late fusion"] == (False, "0.850 against 0.860")
+    assert checks["no seed loses more than 0.02 on any branch"] == (True, "worst: a seed #1 -0.020")
+    assert "- **missed**: multimodal from scratch >= late fusion" in "\n".join(
+        goal_lines(results, {"larger_is_better": True, "per_seed": per_seed}))
+
+
+def test_the_protocol_spec_spans_the_family_and_keeps_development_apart_from_evaluation():
+    from shards.synth_family import FamilyMember
+
+    spec = load_spec(REPO / "experiments" / "protocol.yaml")
+    corpora = {name: task.corpus for name, task in spec.tasks.items()}
+    assert {name.split("-")[0] for name in corpora} == {"dev", "eval"}
+    for corpus in corpora.values():
+        assert corpus["synth"] == "family"
+        FamilyMember(classes=corpus["classes"], size=corpus["size"], strength=corpus["strength"])  # valid
+    for key, low, high in (("count", 600, 5000), ("classes", 5, 50), ("size", 32, 112)):
+        values = [c[key] for c in corpora.values()]
+        assert min(values) <= low and max(values) >= high, (key, values)
+    assert len({c["seed"] for c in corpora.values()}) == len(corpora)  # no corpus repeats another

@@ -205,3 +205,31 @@ def test_cli_writes_a_task_and_a_bad_task_lists_the_valid_names(tmp_path):
                                           "--out", str(tmp_path / "e")])
     assert result.exit_code == 0, result.output
     assert len(_records(tmp_path / "e" / "manifest.jsonl")) == 3
+
+
+def test_family_signals_carry_the_class_in_hue_and_direction_and_visibility_follows_strength(tmp_path):
+    from shards.synth_family import HUES, FamilyMember, render_family_video
+
+    classes, size = 12, 32
+    for shown in (1, 10):  # class 10 of 12: direction 10 % 8 = 2 (up), hue 10 // 8 = 1 (green)
+        clear = render_family_video(np.random.default_rng(7), shown, classes, size, 1.0).astype(float)
+        hidden = render_family_video(np.random.default_rng(7), shown, classes, size, 0.0).astype(float)
+        signal = np.clip(clear - hidden, 0, None)  # the class blob alone (noise and distractor cancel)
+        colour = signal.sum(axis=(0, 1, 2))
+        assert np.allclose(colour / colour.max(), HUES[shown // 8], atol=0.15)
+        energy = signal.sum(axis=3)
+        ys, xs = np.indices(energy.shape[1:])
+        path = [((xs * e).sum() / e.sum(), (ys * e).sum() / e.sum()) for e in energy]
+        (x0, y0), (x1, y1) = path[0], path[-1]
+        angle = np.arctan2(-(y1 - y0), x1 - x0) % (2 * np.pi)  # rows grow downwards
+        assert abs(angle - 2 * np.pi * (shown % 8) / 8) < 0.3
+    manifest = write_task_corpus("family", tmp_path / "f", n=40, seed=2, workers=1, progress=False,
+                                 family={"classes": classes, "size": 20, "strength": {"rgb": 1.0, "audio": 0.25}})
+    seen = [json.loads(line) for line in (manifest.parent / "shown.jsonl").read_text().splitlines()]
+    assert all(0.6 <= s["rgb"] <= 1.0 for s in seen)
+    assert 2 <= sum(s["audio"] >= 0.6 for s in seen) <= 20  # about a quarter clear
+    record = _records(manifest)[0]
+    with av.open(str(manifest.parent / record["rgb"])) as container:
+        assert next(container.decode(video=0)).to_ndarray(format="rgb24").shape == (20, 20, 3)
+    with pytest.raises(ValueError, match="family strength.audio"):
+        FamilyMember(classes=4, strength={"audio": 1.5})
