@@ -12,10 +12,15 @@ DALI_PIP  ?=
 DEMO_DIR  ?= demo-out
 DEMO_ARGS ?=
 
-.PHONY: demo test setup system-deps gpu-check clean
+.PHONY: demo readme-demo test setup system-deps gpu-check clean
 
 demo: $(STAMP)
 	$(VENV)/bin/cotrain demo --workdir $(DEMO_DIR) $(DEMO_ARGS)
+
+# the demo, then its tables written into README.md between the demo-table markers (what the README quotes is
+# what the demo printed)
+readme-demo: $(STAMP)
+	$(VENV)/bin/cotrain demo --workdir $(DEMO_DIR) --readme README.md $(DEMO_ARGS)
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q tests

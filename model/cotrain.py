@@ -3,12 +3,18 @@ multimodal Transformer teacher that fuses the tokens of every modality.
 
                        ┌─ student rest ─ pool ─ head ──────────────> logits[m]      (deployed alone)
     x[m] ─ shared[m] ──┤
-                       └─ teacher rest[m] ─ proj + modality/pos emb ─┐
-                                       (tokens of every modality) ───┴─ Transformer ─ pool ─ head ─> logits["multimodal"]
+                       └─ teacher rest[m] ─┬─ pool ─ stream head ──────────> logits["multimodal/<m>"]
+                                           └─ proj + modality/pos emb ─┐
+                                       (tokens of every modality) ─────┴─ Transformer ─ pool ─ head ─> "multimodal/transformer"
+
+    logits["multimodal"] = late fusion of the streams + w * log_softmax(Transformer)   (w chosen on validation)
 
 The teacher owns per-modality stages after the shared ones (as deep as the student's rest):
 a fusion Transformer fed straight from shallow shared features is easily weaker than a
-unimodal CNN, and transfer from a weaker teacher makes students worse (shared/NOTES.md).
+unimodal CNN, and transfer from a weaker teacher makes students worse. Each stream is trained like a
+unimodal baseline, so their late fusion is the bar the teacher starts from; the Transformer's weight w is
+chosen on each validation from fusion.transformer_weights (0 included), so on validation the teacher is
+never below its own streams' late fusion.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ __all__ = ["OptimConfig", "MetricsConfig", "CheckpointConfig", "RunConfig", "dee
 class OptimConfig:
     """AdamW with linear warm-up then cosine decay; every mode uses the same schedule.
 
-    A constant learning rate made co-training collapse on some seeds (shared/NOTES.md)."""
+    A constant learning rate made co-training collapse on some seeds in our first measurements."""
 
     lr: float = 2e-3
     """Peak learning rate."""

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ops.late_fusion import late_fusion_scores
+
 from ops.experiment import load_spec, plan_grid
 from ops.results_report import MARKER, verdict
 from subprocesses import VENV_BIN, clean_env
@@ -76,7 +78,7 @@ def test_grid_writes_results_resumes_and_refuses_a_changed_spec(tiny_shards, tmp
     assert "12 to train" in done.stdout  # (3 unimodal + multimodal + cotrain + alpha=0) x 2 seeds
 
     results = json.loads((out / "results.json").read_text())["tiny"]
-    assert set(results) == {"unimodal", "multimodal", "cotrain", "alpha/alpha=0", "alpha/alpha=1"}
+    assert set(results) == {"unimodal", "multimodal", "cotrain", "late_fusion", "alpha/alpha=0", "alpha/alpha=1"}
     assert set(results["unimodal"]) == {"rgb", "audio", "text"}
     assert set(results["cotrain"]) == {"rgb", "audio", "text", "multimodal"}
     assert results["alpha/alpha=1"] == results["cotrain"]
@@ -87,12 +89,16 @@ def test_grid_writes_results_resumes_and_refuses_a_changed_spec(tiny_shards, tmp
                                               "std": pytest.approx(statistics.pstdev(values)), "n": 2}
     assert results["unimodal"]["audio"]["mean"] == pytest.approx(
         statistics.mean(_primary(runs / f"unimodal-audio-seed{s}", "audio") for s in (0, 1)))
+    fused = [late_fusion_scores([runs / f"unimodal-{m}-seed{s}" for m in ("rgb", "audio", "text")], "test",
+                                "class")["accuracy"] for s in (0, 1)]
+    assert results["late_fusion"]["multimodal"]["mean"] == pytest.approx(statistics.mean(fused))
     details = json.loads((out / "results-details.json").read_text())["tiny"]
     assert details["metric"] == "accuracy" and set(details["val"]) == set(results)
     assert details["teacher"]["cotrain"] == results["cotrain"]["multimodal"]
 
     report = (out / "results.md").read_text()
     assert MARKER in report and "### Ablation: alpha" in report and "Chosen on validation" in report
+    assert "| late fusion of the baselines |" in report and "Goals of the defaults" in report
     assert (out / "results" / "tiny-baselines.png").stat().st_size > 1000
     assert (out / "results" / "tiny-alpha.png").stat().st_size > 1000
 
