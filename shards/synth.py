@@ -41,10 +41,14 @@ __all__ = [
     "P_MISLEAD",
     "assign_splits",
     "class_keywords",
+    "moving_blob",
     "render_audio",
     "render_text",
     "render_video",
+    "tone",
+    "tones_in_noise",
     "write_synthetic_corpus",
+    "write_wav",
 ]
 
 P_MISLEAD = {"rgb": 0.2, "audio": 0.25, "text": 0.2}
@@ -109,7 +113,7 @@ def _write_sample(task: tuple[str, int, int, str, int]) -> dict:
     label = int(rng.integers(num_classes))
     shown = {name: _shown_class(rng, label, p, num_classes) for name, p in P_MISLEAD.items()}
     _write_mp4(Path(out, "video", f"{key}.mp4"), render_video(rng, shown["rgb"], num_classes=num_classes))
-    _write_wav(Path(out, "audio", f"{key}.wav"), render_audio(rng, shown["audio"], num_classes=num_classes))
+    write_wav(Path(out, "audio", f"{key}.wav"), render_audio(rng, shown["audio"], num_classes=num_classes))
     text = render_text(rng, shown["text"], num_classes=num_classes)
     return {"key": key, "split": split, "label": label, "rgb": f"video/{key}.mp4",
             "audio": f"audio/{key}.wav", "text": text}
@@ -126,8 +130,8 @@ def render_video(rng: np.random.Generator, shown: int, *, num_classes: int) -> n
     """(frames, H, W, 3) uint8: a blob moving in the class direction, a distractor, tint and noise."""
     angle = 2 * np.pi * shown / num_classes
     background = rng.uniform(0.05, 0.4, size=3)
-    signal = _moving_blob(rng, angle, centre_range=(16, 32), speed_range=(0.8, 1.6), brightness=0.9)
-    distractor = _moving_blob(rng, rng.uniform(0, 2 * np.pi), centre_range=(8, 40),
+    signal = moving_blob(rng, angle, centre_range=(16, 32), speed_range=(0.8, 1.6), brightness=0.9)
+    distractor = moving_blob(rng, rng.uniform(0, 2 * np.pi), centre_range=(8, 40),
                               speed_range=(0.5, 1.5), brightness=0.35)
     colour = rng.uniform(0.6, 1.0, size=3)
     frames = background + (signal + distractor)[..., None] * colour  # (T, H, W, 3)
@@ -135,18 +139,19 @@ def render_video(rng: np.random.Generator, shown: int, *, num_classes: int) -> n
     return (np.clip(frames, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def _moving_blob(rng: np.random.Generator, angle: float, *, centre_range: tuple[float, float],
-                 speed_range: tuple[float, float], brightness: float) -> np.ndarray:
-    """(frames, H, W) intensities of a sigma-3px Gaussian moving along `angle` (0 = right, pi/2 = up)."""
+def moving_blob(rng: np.random.Generator, angle: float, *, centre_range: tuple[float, float],
+                 speed_range: tuple[float, float], brightness: float, size: int = VIDEO_SIZE,
+                 sigma: float = 3.0) -> np.ndarray:
+    """(frames, size, size) intensities of a Gaussian (sigma px) moving along `angle` (0 = right, pi/2 = up)."""
     centre = rng.uniform(*centre_range, size=2)  # (x, y) where the path crosses mid-clip
     speed = rng.uniform(*speed_range)
     t = np.arange(VIDEO_FRAMES) - (VIDEO_FRAMES - 1) / 2
     x = centre[0] + t * speed * np.cos(angle)
     y = centre[1] - t * speed * np.sin(angle)  # image rows grow downwards
-    grid = np.arange(VIDEO_SIZE)
+    grid = np.arange(size)
     dy = grid[None, :, None] - y[:, None, None]
     dx = grid[None, None, :] - x[:, None, None]
-    return brightness * np.exp(-(dx**2 + dy**2) / (2 * 3.0**2))
+    return brightness * np.exp(-(dx**2 + dy**2) / (2 * sigma**2))
 
 
 def render_audio(rng: np.random.Generator, shown: int, *, num_classes: int) -> np.ndarray:
@@ -154,17 +159,22 @@ def render_audio(rng: np.random.Generator, shown: int, *, num_classes: int) -> n
     f1 = 300.0 * 2 ** (shown / num_classes) * (1 + rng.uniform(-0.03, 0.03))
     f2 = f1 * (1.5 if shown % 2 == 0 else 0.75)
     amplitude = rng.uniform(0.1, 0.3)
-    tones = np.concatenate([_tone(rng, f1, amplitude), _tone(rng, f2, amplitude)])
+    tones = np.concatenate([tone(rng, f1, amplitude), tone(rng, f2, amplitude)])
+    # 0 dB SNR: the noise has the tones' own RMS (amplitude / sqrt 2).
+    return tones_in_noise(rng, tones, amplitude / np.sqrt(2))
+
+
+def tones_in_noise(rng: np.random.Generator, tones: np.ndarray, noise_rms: float) -> np.ndarray:
+    """int16 samples of AUDIO_SECONDS: `tones` at a random offset, in white noise of RMS `noise_rms`."""
     total = int(SAMPLE_RATE * AUDIO_SECONDS)
     signal = np.zeros(total)
     offset = int(rng.integers(0, total - len(tones) + 1))
     signal[offset:offset + len(tones)] = tones
-    # 0 dB SNR: the noise has the tones' own RMS (amplitude / sqrt 2).
-    signal += rng.normal(0.0, amplitude / np.sqrt(2), size=total)
+    signal += rng.normal(0.0, noise_rms, size=total)
     return (np.clip(signal, -1.0, 1.0) * 32767).astype(np.int16)
 
 
-def _tone(rng: np.random.Generator, frequency: float, amplitude: float) -> np.ndarray:
+def tone(rng: np.random.Generator, frequency: float, amplitude: float) -> np.ndarray:
     """A sine with random phase and linear fades in and out, so tone edges do not click."""
     length, fade = int(SAMPLE_RATE * TONE_SECONDS), int(SAMPLE_RATE * FADE_SECONDS)
     t = np.arange(length) / SAMPLE_RATE
@@ -199,7 +209,7 @@ def _write_mp4(path: Path, frames: np.ndarray) -> None:
         input=frames.tobytes(), capture_stdout=True, capture_stderr=True)
 
 
-def _write_wav(path: Path, samples: np.ndarray) -> None:
+def write_wav(path: Path, samples: np.ndarray) -> None:
     with wave.open(str(path), "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(2)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.synth import AUDIO_SECONDS, SAMPLE_RATE, VIDEO_FRAMES, _tone, _write_wav
+from shards.synth import moving_blob, tone, tones_in_noise, write_wav
 from shards.synth_media import write_mp4
 
 __all__ = ["FamilyMember", "HUES", "INTERVALS", "render_family_sample"]
@@ -72,7 +72,7 @@ def render_family_sample(rng: np.random.Generator, out: Path, key: str, member: 
     seen = {name: round(float(rng.uniform(*(CLEAR if rng.random() < p else OBSCURED))), 3)
             for name, p in member["strength"].items()}
     write_mp4(out / "video" / f"{key}.mp4", render_family_video(rng, label, k, member["size"], seen["rgb"]))
-    _write_wav(out / "audio" / f"{key}.wav", render_family_audio(rng, label, k, seen["audio"]))
+    write_wav(out / "audio" / f"{key}.wav", render_family_audio(rng, label, k, seen["audio"]))
     return {"label": label, "rgb": f"video/{key}.mp4", "audio": f"audio/{key}.wav"}, seen
 
 
@@ -85,27 +85,13 @@ def render_family_video(rng: np.random.Generator, shown: int, classes: int, size
     hue = np.asarray(HUES[shown // directions])
     scale = size / 48
     background = rng.uniform(0.05, 0.35, size=3)
-    signal = _blob(rng, angle, size, centre=(16 * scale, 32 * scale), speed=(0.8 * scale, 1.6 * scale),
-                   sigma=3 * scale, brightness=visibility)
-    distractor = _blob(rng, rng.uniform(0, 2 * np.pi), size, centre=(8 * scale, 40 * scale),
-                       speed=(0.5 * scale, 1.5 * scale), sigma=3 * scale, brightness=0.35)
+    signal = moving_blob(rng, angle, centre_range=(16 * scale, 32 * scale), speed_range=(0.8 * scale, 1.6 * scale),
+                          brightness=visibility, size=size, sigma=3 * scale)
+    distractor = moving_blob(rng, rng.uniform(0, 2 * np.pi), centre_range=(8 * scale, 40 * scale),
+                              speed_range=(0.5 * scale, 1.5 * scale), brightness=0.35, size=size, sigma=3 * scale)
     frames = background + signal[..., None] * hue + distractor[..., None] * rng.uniform(0.3, 1.0, size=3)
     frames = frames + rng.normal(0.0, VIDEO_NOISE, size=frames.shape)
     return (np.clip(frames, 0.0, 1.0) * 255).astype(np.uint8)
-
-
-def _blob(rng: np.random.Generator, angle: float, size: int, *, centre: tuple[float, float],
-          speed: tuple[float, float], sigma: float, brightness: float) -> np.ndarray:
-    """(frames, size, size) intensities of a Gaussian moving along `angle` (0 = right, pi/2 = up)."""
-    middle = rng.uniform(*centre, size=2)
-    step = rng.uniform(*speed)
-    t = np.arange(VIDEO_FRAMES) - (VIDEO_FRAMES - 1) / 2
-    x = middle[0] + t * step * np.cos(angle)
-    y = middle[1] - t * step * np.sin(angle)  # image rows grow downwards
-    grid = np.arange(size, dtype=np.float64)
-    gy = np.exp(-((grid[None, :] - y[:, None]) ** 2) / (2 * sigma**2))  # (T, H): separable Gaussian
-    gx = np.exp(-((grid[None, :] - x[:, None]) ** 2) / (2 * sigma**2))  # (T, W)
-    return brightness * gy[:, :, None] * gx[:, None, :]
 
 
 def render_family_audio(rng: np.random.Generator, shown: int, classes: int, visibility: float = 1.0) -> np.ndarray:
@@ -115,11 +101,5 @@ def render_family_audio(rng: np.random.Generator, shown: int, classes: int, visi
     f1 = 300.0 * 2 ** ((shown % pitches) / pitches) * (1 + rng.uniform(-0.015, 0.015))
     f2 = f1 * INTERVALS[shown // pitches]
     amplitude = 0.2 * visibility
-    tones = np.concatenate([_tone(rng, f1, amplitude), _tone(rng, f2, amplitude)])
-    total = int(SAMPLE_RATE * AUDIO_SECONDS)
-    signal = np.zeros(total)
-    offset = int(rng.integers(0, total - len(tones) + 1))
-    signal[offset:offset + len(tones)] = tones
-    signal += rng.normal(0.0, rng.uniform(0.3, 0.45), size=total)
-    return (np.clip(signal, -1.0, 1.0) * 32767).astype(np.int16)
-
+    tones = np.concatenate([tone(rng, f1, amplitude), tone(rng, f2, amplitude)])
+    return tones_in_noise(rng, tones, rng.uniform(0.3, 0.45))

@@ -11,7 +11,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from shards.synth import SAMPLE_RATE, VIDEO_FPS, VIDEO_FRAMES, VIDEO_SIZE, _moving_blob
+from shards.synth import SAMPLE_RATE, VIDEO_FPS, VIDEO_FRAMES, VIDEO_SIZE, moving_blob
 
 __all__ = ["FaceExpression", "render_depth_hand", "render_face", "render_speech", "write_mp4"]
 
@@ -119,7 +119,7 @@ def render_depth_hand(rng: np.random.Generator, *, angle: float | None, approach
     """(frames, H, W, 3) uint8 grey depth (bright = near): a far background slope, a hand blob moving along
     `angle` (None: it stays put) whose nearness ramps by `approach` over the clip, sensor speckle and holes."""
     speed = (0.0, 0.0) if angle is None else (1.0, 1.6)
-    hand = _moving_blob(rng, angle or 0.0, centre_range=(18, 30), speed_range=speed, brightness=1.0)
+    hand = moving_blob(rng, angle or 0.0, centre_range=(18, 30), speed_range=speed, brightness=1.0)
     # A clear near hand on a far wall: with nearness 0.55-0.7 over a wall of 0.1-0.25 a depth-only 3D CNN
     # stayed at chance for 6 epochs; a depth sensor sees a hand at arm's length far apart from the wall.
     nearness = rng.uniform(0.7, 0.8) + approach * np.linspace(-0.2, 0.2, VIDEO_FRAMES)

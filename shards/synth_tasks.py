@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from shards.synth import (_moving_blob, _shown_class, _write_manifest, _write_wav, assign_splits,
+from shards.synth import (_shown_class, _write_manifest, assign_splits, moving_blob, write_wav,
                           write_synthetic_corpus)
 from shards.synth_family import FamilyMember, render_family_sample
 from shards.synth_media import FaceExpression, render_depth_hand, render_face, render_speech, write_mp4
@@ -162,9 +162,9 @@ def _gesture_rgb(rng: np.random.Generator, shown: int) -> np.ndarray:
     """The demo's moving blob: swipes move in their direction, push and pull (4, 5) stay put alike."""
     swipe = shown < 4
     background = rng.uniform(0.05, 0.4, size=3)
-    hand = _moving_blob(rng, np.pi / 2 * shown if swipe else 0.0, centre_range=(16, 32),
+    hand = moving_blob(rng, np.pi / 2 * shown if swipe else 0.0, centre_range=(16, 32),
                         speed_range=(0.8, 1.6) if swipe else (0.0, 0.0), brightness=0.9)
-    distractor = _moving_blob(rng, rng.uniform(0, 2 * np.pi), centre_range=(8, 40), speed_range=(0.5, 1.5),
+    distractor = moving_blob(rng, rng.uniform(0, 2 * np.pi), centre_range=(8, 40), speed_range=(0.5, 1.5),
                               brightness=0.35)
     frames = background + (hand + distractor)[..., None] * rng.uniform(0.6, 1.0, size=3)
     frames = frames + rng.normal(0.0, VIDEO_NOISE, size=frames.shape)
@@ -183,7 +183,7 @@ def _render_emotion(rng: np.random.Generator, out: Path, key: str) -> tuple[dict
     label = int(rng.integers(len(EMOTIONS)))
     shown = _shown_per_modality(rng, "emotion", label, len(EMOTIONS))
     write_mp4(out / "video" / f"{key}.mp4", render_face(rng, FACES[EMOTIONS[shown["rgb"]]], noise=VIDEO_NOISE))
-    _write_wav(out / "audio" / f"{key}.wav", _emotion_voice(rng, EMOTIONS[shown["audio"]]))
+    write_wav(out / "audio" / f"{key}.wav", _emotion_voice(rng, EMOTIONS[shown["audio"]]))
     return {"label": label, "rgb": f"video/{key}.mp4", "audio": f"audio/{key}.wav"}, shown
 
 
@@ -203,7 +203,7 @@ def _render_sentiment(rng: np.random.Generator, out: Path, key: str) -> tuple[di
     face = FaceExpression(curve, rng.uniform(0.2, 0.5), rng.uniform(-0.2, 0.2), rng.uniform(0.4, 0.6))
     write_mp4(out / "video" / f"{key}.mp4", render_face(rng, face, noise=SENTIMENT_VIDEO_NOISE,
                                                         mouth_bend=SENTIMENT_MOUTH_BEND, latest_onset=0.25))
-    _write_wav(out / "audio" / f"{key}.wav", _sentiment_voice(rng, shown["audio"]))
+    write_wav(out / "audio" / f"{key}.wav", _sentiment_voice(rng, shown["audio"]))
     record = {"label": label, "rgb": f"video/{key}.mp4", "audio": f"audio/{key}.wav",
               "text": render_sentiment_text(rng, shown["text"])}
     return record, shown
