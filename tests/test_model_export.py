@@ -73,7 +73,10 @@ def test_export_parity_with_the_branch_inside_the_full_model(trained_run, tiny_s
     exported = ExportedModel(out)
     assert exported.meta["modality"] == modality and exported.meta["spec"]["kind"] in ("video", "audio")
     got = exported(batch.inputs[modality])
-    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    # float32 summed in another order: ONNX Runtime's convolutions differed from torch's by up to 1.9e-5 on
+    # logits near 1 (rgb, after the teacher's stream heads changed the trained weights); torch formats stay exact
+    tolerance = 5e-5 if fmt == "onnx" else 1e-5
+    assert torch.allclose(got, expected, atol=tolerance), (got - expected).abs().max()
 
 
 def test_export_refuses_teacher_only_modalities_and_unknown_formats(trained_run, tmp_path):
