@@ -186,8 +186,12 @@ def resolve_run_config(preset, config_file, assignments, values: dict):
     return cfg
 
 
+QUIET_HELP = "No progress bars (they are drawn only when stderr is a terminal, and on rank 0 only)."
+
+
 @main.command("train")
 @run_options
+@click.option("--quiet", is_flag=True, help=QUIET_HELP)
 @click.option("--overwrite", is_flag=True,
               help="--out holds an earlier run: delete that run's files first (without it, such a folder is "
                    "refused, so old scores never sit beside a new model).")
@@ -204,8 +208,8 @@ def resolve_run_config(preset, config_file, assignments, values: dict):
 @click.option("--device", type=click.Choice(["auto", "cpu"]), default="auto", show_default=True,
               help="auto: the GPU when there is one (refused when nvidia-smi sees a GPU torch cannot use); cpu: "
                    "the CPU on purpose.")
-def train_cmd(preset, config_file, assignments, overwrite, resume_run, restart, allow_reshard, allow_new_shards,
-              device, **values) -> None:
+def train_cmd(preset, config_file, assignments, quiet, overwrite, resume_run, restart, allow_reshard,
+              allow_new_shards, device, **values) -> None:
     """Train a run: co-trained (default), one unimodal baseline, or the multimodal baseline.
 
     \b
@@ -223,7 +227,7 @@ def train_cmd(preset, config_file, assignments, overwrite, resume_run, restart, 
         else:
             cfg = resolve_run_config(preset, config_file, assignments, values)
             check_new_run(Path(cfg.out), overwrite=overwrite)
-        train(cfg, resume=bool(resume_run), allow_reshard=allow_reshard, device=device)
+        train(cfg, resume=bool(resume_run), allow_reshard=allow_reshard, device=device, progress=not quiet)
     except RunFinished as done:
         click.echo(str(done))
     except (ValueError, FileNotFoundError, CheckpointError, GpuUnusableError) as err:
@@ -316,7 +320,8 @@ def config_presets_cmd() -> None:
 @click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="Each branch's best-validation weights, or the final weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON instead of the table.")
-def eval_cmd(run, split, shards_dir, which, as_json) -> None:
+@click.option("--quiet", is_flag=True, help=QUIET_HELP)
+def eval_cmd(run, split, shards_dir, which, as_json, quiet) -> None:
     """Score every branch of RUN on a split; writes RUN/eval-<split>.json.
 
     \b
@@ -324,9 +329,11 @@ def eval_cmd(run, split, shards_dir, which, as_json) -> None:
       cotrain eval --run runs/cotrain-s0 --split test
     """
     from .evaluate import evaluate_run, format_scores, print_warning
+    from .progress import progress_wanted
 
     try:
-        result = evaluate_run(run, split=split, shards=shards_dir, which=which)
+        result = evaluate_run(run, split=split, shards=shards_dir, which=which,
+                              progress=progress_wanted(0, quiet=quiet))  # eval is one process
     except (ValueError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(json.dumps(result, indent=2) if as_json else format_scores(result))

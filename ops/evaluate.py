@@ -15,6 +15,7 @@ from pipeline.loader import BaseLoader, make_loader
 from pipeline.dataset import load_dataset_info
 
 from .device import loader_device_id
+from .progress import progress_bar
 from .scores import is_better, make_scorer, primary_metric
 
 __all__ = ["MODEL_FILE", "BEST_DIR", "build_run_model", "load_run", "score_branches", "evaluate_run", "format_scores",
@@ -52,16 +53,20 @@ def task_of(info) -> tuple[str, int]:
 @torch.no_grad()
 def score_branches(model: CoTrainModel, loader: BaseLoader, *, branches: list[str] | None = None,
                    prepare=lambda batch: batch, task: str = "class", size: int | None = None,
-                   predictions: dict | None = None, candidates: bool = False) -> dict[str, dict]:
+                   predictions: dict | None = None, candidates: bool = False,
+                   progress: bool = False) -> dict[str, dict]:
     """The metrics of each branch over one pass of `loader` (ops/scores.py). A unimodal branch sees
     only its own input and is scored on the samples that have it. With a `predictions` dict, also records
     each sample's outputs there (record_predictions). With candidates=True, also scores the teacher under each
-    Transformer weight it may choose (model.teacher_candidates), as branches "multimodal@<weight>"."""
+    Transformer weight it may choose (model.teacher_candidates), as branches "multimodal@<weight>". With
+    progress=True, a bar over the batches on stderr (the caller decides: ops.progress)."""
     was_training = model.training
     model.eval()
     branches = branches or model.branches
     scorers = {}
-    for batch in loader:
+    bar = progress_bar(loader, enabled=progress, total=getattr(loader, "steps_per_epoch", None), unit="batch",
+                       desc=f"scoring {', '.join(branches)}", leave=False)
+    for batch in bar:
         batch = prepare(batch)
         logits = model(batch.inputs, batch.present, getattr(batch, "lengths", None) or None)  # lengths mask padded sequences
         if candidates:
@@ -112,12 +117,12 @@ def _best_weights(run: Path, branch: str) -> Path:
 
 
 def evaluate_run(run: str | Path, *, split: str = "test", shards: str | None = None, which: str = "best",
-                 save_scores: bool = True) -> dict:
+                 save_scores: bool = True, progress: bool = False) -> dict:
     """Score RUN on `split` and write RUN/eval-<split>.json and RUN/predictions-<split>.jsonl (each sample's
     key, label and every branch's outputs). With which='best', each branch is scored with the weights of its
     own best validation epoch (a student's best epoch may differ from the teacher's); 'last' scores the final
     weights. save_scores=False writes the predictions alone (training already wrote eval-val.json, with the
-    best epochs in it)."""
+    best epochs in it). progress=True draws a bar over each pass's batches (`cotrain eval` on a terminal)."""
     run = Path(run)
     model, payload = load_run(run)
     info = load_dataset_info(shards or payload["config"]["shards"])
@@ -140,7 +145,8 @@ def evaluate_run(run: str | Path, *, split: str = "test", shards: str | None = N
         state = payload["state_dict"] if source is None else torch.load(source, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
         scores.update(score_branches(model, loader, branches=branches, task=task, size=size,
-                                     prepare=lambda batch: batch.to(device), predictions=predictions))
+                                     prepare=lambda batch: batch.to(device), predictions=predictions,
+                                     progress=progress))
     scores = {b: scores[b] for b in model.branches}
     result = {"split": split, "mode": payload["mode"], "which": which, "task": task, "branches": scores}
     write_predictions(run / f"predictions-{split}.jsonl", predictions)

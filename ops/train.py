@@ -9,12 +9,14 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from model.cotrain import TEACHER, ModalitySpec, build_model
 from model.objective import step_loss
@@ -29,6 +31,7 @@ from .device import all_reduce_flags, broadcast_object, check_torch_sees_gpu, co
     loader_device_id
 from .engine import build_engine, init_distributed, rank_info
 from .evaluate import BEST_DIR, MODEL_FILE, print_warning, score_branches, task_of
+from .progress import progress_bar, progress_wanted
 from .run_folder import record_shards
 from .metrics import TrainingMetrics, read_grad_norm, write_scrape_target
 from .readback import StepReadback
@@ -54,7 +57,15 @@ def _version() -> str:
 
 def _log(rank: int, message: str) -> None:
     if rank == 0:
-        print(message, flush=True)
+        tqdm.write(message, file=sys.stdout)  # above a step bar, not through it
+        sys.stdout.flush()
+
+
+def _show_loss(bar, records) -> None:
+    """The last loss read back, on the step bar: only values the loop has already read, so the bar adds no
+    device-to-host copy of its own."""
+    if records:
+        bar.set_postfix(loss=f"{records[-1].total:.4f}", refresh=False)
 
 
 def _zero3_gather(engine, cfg: RunConfig):
@@ -81,7 +92,8 @@ def _params_digest(state: dict[str, torch.Tensor]) -> str:
 class Trainer:
     """Owns the loop of one run; `fit()` trains, checkpoints, validates and saves."""
 
-    def __init__(self, cfg: RunConfig, *, resume: bool = False, allow_reshard: bool = False, device: str = "auto"):
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, allow_reshard: bool = False, device: str = "auto",
+                 progress: bool = False):
         self.cfg, self.out = cfg, Path(cfg.out)
         if device == "cpu":
             force_cpu()
@@ -89,6 +101,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         init_distributed(cfg.cpu_threads)
         self.rank, self.local_rank, self.world = rank_info()
+        self.progress = progress_wanted(self.rank, quiet=not progress)  # a step bar per epoch, or none
         self.gpu = device != "cpu" and torch.cuda.is_available()
         self.device_id = loader_device_id(self.local_rank) if self.gpu else None  # where the loaders decode
         torch.manual_seed(cfg.seed)
@@ -234,24 +247,29 @@ class Trainer:
         samples, started = 0, time.perf_counter()
         steps = self.loader.steps_per_epoch
         batches = itertools.islice(self.loader.epoch(), steps - self.state.batch_in_epoch)
-        while True:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                break
-            t1 = time.perf_counter()
-            result = self._micro_step(self._cast(batch), self.state.batch_in_epoch + 1 == steps)
-            t2 = time.perf_counter()
-            self.state.step += 1
-            self.state.batch_in_epoch += 1
-            if result is not None:
-                terms, total = result
-                self._record(self.readback.add(terms, total, batch_size=len(batch), step_seconds=t2 - t1,
-                                               wait_seconds=t1 - t0, lr=self.scheduler.get_last_lr()[0],
-                                               loader_skipped=dict(getattr(self.loader, "skipped", None) or {})))
-                samples += len(batch)
-            if self._after_step():
-                return None
+        with progress_bar(enabled=self.progress, total=steps, initial=self.state.batch_in_epoch, unit="step",
+                          desc=f"epoch {self.state.epoch + 1}/{self.cfg.epochs}", leave=False) as bar:
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                t1 = time.perf_counter()
+                result = self._micro_step(self._cast(batch), self.state.batch_in_epoch + 1 == steps)
+                t2 = time.perf_counter()
+                self.state.step += 1
+                self.state.batch_in_epoch += 1
+                if result is not None:
+                    terms, total = result
+                    records = self.readback.add(terms, total, batch_size=len(batch), step_seconds=t2 - t1,
+                                                wait_seconds=t1 - t0, lr=self.scheduler.get_last_lr()[0],
+                                                loader_skipped=dict(getattr(self.loader, "skipped", None) or {}))
+                    self._record(records)
+                    _show_loss(bar, records)
+                    samples += len(batch)
+                bar.update()
+                if self._after_step():
+                    return None
         self._record(self.readback.flush())
         means = {k: v / self.state.epoch_count for k, v in self.state.epoch_sums.items()}
         rate = samples * self.world / max(time.perf_counter() - started, 1e-9)
@@ -481,7 +499,9 @@ def muted_students(val: dict[str, float], task: str, margin: float) -> list[str]
     return sorted(b for b, v in val.items() if b != TEACHER and teacher > (1 - margin) * metric_error(task, v))
 
 
-def train(cfg: RunConfig, *, resume: bool = False, allow_reshard: bool = False, device: str = "auto") -> Path:
-    """Train one run and return its directory (`device`: ops.device.DEVICES)."""
-    Trainer(cfg, resume=resume, allow_reshard=allow_reshard, device=device).fit()
+def train(cfg: RunConfig, *, resume: bool = False, allow_reshard: bool = False, device: str = "auto",
+          progress: bool = False) -> Path:
+    """Train one run and return its directory (`device`: ops.device.DEVICES). progress=True draws a step bar per
+    epoch where ops.progress allows one (rank 0, stderr a terminal); off for the demo, grids and tests."""
+    Trainer(cfg, resume=resume, allow_reshard=allow_reshard, device=device, progress=progress).fit()
     return Path(cfg.out)

@@ -52,14 +52,16 @@ shards_group = click.Group("shards", help="Build WebDataset shards (with DALI in
 @click.option("--strength", default=None, metavar="rgb=P,audio=P",
               help="--task family: the chance each modality's signal is clear [default: rgb=0.6,audio=0.5].")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Encoding processes.")
+@click.option("--quiet", is_flag=True, help="No progress bar (it is drawn only when stderr is a terminal).")
 def synth_command(task: str, out: Path, count: int, seed: int, classes: int | None, size: int | None,
-                  strength: str | None, workers: int) -> None:
+                  strength: str | None, workers: int, quiet: bool) -> None:
     """Write a synthetic corpus whose modalities carry the label noisily and differently.
 
     \b
     Example:
       cotrain shards synth --task family --classes 20 --size 64 --strength rgb=0.7,audio=0.4 --out corpus/
     """
+    from ops.progress import progress_wanted
     from shards.synth_tasks import TASKS, write_task_corpus
     if task not in TASKS:
         raise click.BadParameter(f"{task!r} is not a synthetic task; use one of {', '.join(TASKS)}.",
@@ -73,7 +75,7 @@ def synth_command(task: str, out: Path, count: int, seed: int, classes: int | No
     started = time.monotonic()
     try:
         manifest = write_task_corpus(task, out, n=count, seed=seed, workers=workers, num_classes=classes or 6,
-                                     family=family)
+                                     family=family, progress=progress_wanted(0, quiet=quiet))
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"Wrote {count} {task} samples (seed {seed}) in {time.monotonic() - started:.1f} s; "

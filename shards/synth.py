@@ -36,6 +36,7 @@ from pathlib import Path
 
 import ffmpeg
 import numpy as np
+from tqdm import tqdm
 
 __all__ = [
     "P_MISLEAD",
@@ -76,8 +77,9 @@ CLASS_KEYWORDS = (
 
 
 def write_synthetic_corpus(out: Path | str, *, n: int = 600, seed: int = 0, num_classes: int = 6,
-                           workers: int = 2) -> Path:
-    """Write `n` samples under `out` (video/, audio/, manifest.jsonl) and return the manifest's path."""
+                           workers: int = 2, progress: bool = False) -> Path:
+    """Write `n` samples under `out` (video/, audio/, manifest.jsonl) and return the manifest's path; with
+    progress=True, a bar of samples written on stderr."""
     if n < 1 or num_classes < 2 or workers < 1:
         raise ValueError(f"need n >= 1, num_classes >= 2 and workers >= 1; got n={n}, "
                          f"num_classes={num_classes}, workers={workers}.")
@@ -88,7 +90,8 @@ def write_synthetic_corpus(out: Path | str, *, n: int = 600, seed: int = 0, num_
     tasks = [(str(out), seed, index, splits[index], num_classes) for index in range(n)]
     # forkserver, not fork: forking a caller that holds threads (torch, DALI) can deadlock the child.
     with multiprocessing.get_context("forkserver").Pool(workers) as pool:
-        records = list(pool.imap(_write_sample, tasks, chunksize=4))
+        records = list(tqdm(pool.imap(_write_sample, tasks, chunksize=4), total=n, disable=not progress,
+                            desc="synth demo", unit="sample"))
     return _write_manifest(out / "manifest.jsonl", records)
 
 

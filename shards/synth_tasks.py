@@ -118,7 +118,8 @@ def write_task_corpus(task: str, out: Path | str, *, n: int = 600, seed: int = 0
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; use one of {', '.join(TASKS)}.")
     if task == "demo":
-        return write_synthetic_corpus(out, n=n, seed=seed, num_classes=num_classes, workers=workers)
+        return write_synthetic_corpus(out, n=n, seed=seed, num_classes=num_classes, workers=workers,
+                                      progress=progress)
     if n < 1 or workers < 1:
         raise ValueError(f"need n >= 1 and workers >= 1; got n={n}, workers={workers}.")
     options = dict(FamilyMember(**(family or {}))) if task == "family" else {}
