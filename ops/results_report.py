@@ -220,6 +220,9 @@ def _plot_baselines(results: dict, metric: str, path: Path) -> None:
                yerr=[scale * s["std"] for s in stats], capsize=4, label=label)
     if co.get(TEACHER):
         ax.axhline(scale * co[TEACHER]["mean"], color="grey", linestyle="--", label="co-trained teacher")
+    fused = results.get("late_fusion", {}).get(TEACHER)
+    if fused:
+        ax.axhline(scale * fused["mean"], color="black", linestyle=":", label="late fusion of the baselines")
     ax.set_xticks(range(len(branches)), branches)
     ax.set_ylabel(metric + (" (%)" if scale != 1 else ""))
     ax.legend(loc="lower right", fontsize=8)
