@@ -6,7 +6,7 @@ chance (rgb 0.33, audio 0.35, teacher 0.35 on test) and check_learned failed.
 
 The corpus: 4 classes of the synthetic family (shards/synth_family.py), 320 samples (48 test), 24x24 video
 whose signal is clear in 70% of samples, audio clear in 50%. Measured with these settings: rgb 0.625, audio
-0.79, teacher 0.81 on test (45 to 90 s on 2 loaded cores).
+0.75, teacher 0.81 on test (46 s; up to 130 s on 2 loaded cores).
 """
 import pytest
 
