@@ -31,6 +31,7 @@ from model.cotrain import TEACHER
 
 from .config import RunConfig, config_hash, load_config, resolve_config
 from .evaluate import MODEL_FILE
+from .late_fusion import LATE_FUSION, late_fusion_scores
 from .report import _summary  # mean, population std and n, as `cotrain report` summarises seeds
 from .scores import PRIMARY
 
@@ -258,8 +259,8 @@ def _train_cell(cfg_dict: dict, threads: int) -> float:
         train(cfg, resume=resume)
     if not (run / "eval-test.json").is_file():
         evaluate_run(run, split="test")
-    if not (run / "predictions-val.jsonl").is_file():  # late fusion of the baselines reads both splits
-        evaluate_run(run, split="val", save_scores=False)
+    if cfg.mode == "unimodal" and not (run / "predictions-val.jsonl").is_file():
+        evaluate_run(run, split="val", save_scores=False)  # late fusion of the baselines reads both splits
     seconds = time.perf_counter() - started
     (run / "wall_seconds.json").write_text(json.dumps({"seconds": seconds}) + "\n")
     return seconds
@@ -327,8 +328,6 @@ def _entry_values(cells: list[Cell], split: str) -> dict[tuple[str, str], dict[s
 def _late_fusion_values(cells: list[Cell], split: str) -> dict[tuple[str, str], dict[str, list[float]]]:
     """(task, "late_fusion") -> {"multimodal": the primary metric per seed} of late fusion of the seed's
     unimodal baselines (ops/late_fusion.py), the baseline the multimodal branch must beat."""
-    from .late_fusion import LATE_FUSION, late_fusion_scores
-
     baselines: dict[tuple[str, int], list[Path]] = {}
     for cell in cells:
         if cell.entry.startswith("unimodal/") and cell.run not in baselines.get((cell.task, cell.seed), []):
@@ -365,14 +364,14 @@ def summarize(cells: list[Cell]) -> tuple[dict, dict]:
         details[task] = {
             "metric": metric, "larger_is_better": larger, "task_type": kind, "val": validation[task],
             "teacher": {entry: branches.get(TEACHER) for entry, branches in results[task].items()
-                        if entry not in ("unimodal", "multimodal", "late_fusion")},
+                        if entry not in ("unimodal", "multimodal", LATE_FUSION)},
             "runs": {f"{c.entry} seed {c.seed}": str(c.run) for c in cells if c.task == task},
             "train_seconds": sum(_wall(run) for run in {c.run for c in cells if c.task == task}),
             "configs": {c.entry: _config_digest(c.cfg) for c in cells if c.task == task and c.seed == first.seed},
             "muted": _muted_seeds([c for c in cells if c.task == task]),
             # the goals' per-seed checks pair the seeds of these entries, in the spec's seed order
             "per_seed": {entry: branches for (t, entry), branches in per_seed.items()
-                         if t == task and entry in ("unimodal", "multimodal", "cotrain", "late_fusion")},
+                         if t == task and entry in ("unimodal", "multimodal", "cotrain", LATE_FUSION)},
         }
     return results, details
 
