@@ -513,6 +513,28 @@ class CoTrainModel(nn.Module):
         """Use `weight` for the Transformer in the teacher's output from now on (saved with the weights)."""
         self.teacher.transformer_weight.fill_(weight)
 
+    def branch_of(self, name: str) -> str:
+        """The branch a parameter (by its name in this model) belongs to, for clipping each branch on its own:
+        a student, with the shared stages it deploys with ('rgb'); a teacher stream ('multimodal/rgb', also
+        owning the shared stages when that modality has no student); the rest of the teacher ('multimodal')."""
+        parts = name.split(".")
+        if parts[0] == "shared":
+            m = parts[1]
+            return m if m in self.students else f"{TEACHER}/{m}"
+        if parts[0] in ("students", "feature_proj"):
+            return parts[1]
+        if parts[0] == "teacher" and parts[1] in ("rests", "stream_heads"):
+            return f"{TEACHER}/{parts[2]}"
+        return TEACHER
+
+    def branch_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters per branch (branch_of), in registration order."""
+        groups: dict[str, list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                groups.setdefault(self.branch_of(name), []).append(param)
+        return groups
+
     @property
     def branches(self) -> list[str]:
         """Names of the branches whose logits forward() returns."""

@@ -113,7 +113,9 @@ RUN_OPTIONS = {
     "feature-weight": (dict(type=float, help="Weight of feature-level transfer (0 = off)."), "transfer.feature"),
     "attention-weight": (dict(type=float, help="Weight of attention-level transfer (0 = off)."),
                          "transfer.attention"),
-    "grad-clip": (dict(type=float, help="Global gradient-norm clip (0 turns it off)."), "optim.grad_clip"),
+    "grad-clip": (dict(type=float, help="Gradient-norm clip (0 turns it off). [default: 1.0]"), "optim.grad_clip"),
+    "clip-scope": (dict(type=click.Choice(["global", "branch"]), help="Clip one gradient norm over the whole model, "
+                        "or each branch's on its own. [default: global]"), "optim.clip_scope"),
     "grad-accum": (dict(type=int, help="Micro-batches per optimizer step. [default: 1]"), "optim.grad_accum"),
     "zero-stage": (dict(type=click.IntRange(0, 3), help="DeepSpeed ZeRO stage. [default: 0]"), "optim.zero_stage"),
     "offload-optimizer/--no-offload-optimizer": (dict(default=None, help="Optimizer state in host memory "

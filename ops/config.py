@@ -17,6 +17,9 @@ __all__ = ["OptimConfig", "MetricsConfig", "CheckpointConfig", "RunConfig", "dee
            "config_differences"]
 
 
+CLIP_SCOPES = ("branch", "global")
+
+
 @dataclass
 class OptimConfig:
     """AdamW with linear warm-up then cosine decay; every mode uses the same schedule.
@@ -32,7 +35,13 @@ class OptimConfig:
     min_lr_ratio: float = 0.01
     """Final learning rate as a fraction of the peak."""
     grad_clip: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
+    """Gradient-norm clip (0 disables), applied as clip_scope says."""
+    clip_scope: str = "global"
+    """'global': one norm over the whole model (DeepSpeed's clipping); 'branch': each branch's norm on its own
+    (each student with the shared stages it deploys with, each teacher stream, the rest of the teacher;
+    ops/optimizer.py), so a branch takes the steps it would take trained alone. A unimodal run is one branch, so
+    both clip it the same way. 'branch' was measured on dev-10 and not adopted (docs/results-protocol.md): the
+    co-trained teacher gained, the multimodal model from scratch fell below late fusion."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage (0-3)."""
     grad_accum: int = 1
@@ -48,6 +57,8 @@ class OptimConfig:
             raise ValueError(f"optim.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.grad_accum < 1:
             raise ValueError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.clip_scope not in CLIP_SCOPES:
+            raise ValueError(f"optim.clip_scope must be one of {', '.join(CLIP_SCOPES)}, got {self.clip_scope!r}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("optim.offload_optimizer needs ZeRO stage 1, 2 or 3: add --zero-stage 2")
 
@@ -177,7 +188,9 @@ def deepspeed_config(cfg: RunConfig, *, total_steps: int, bf16: bool) -> dict:
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": max(total_steps, 1), "warmup_num_steps": max(1, int(o.warmup_fraction * total_steps)),
             "warmup_min_ratio": 0.0, "cos_min_ratio": o.min_lr_ratio, "warmup_type": "linear"}},
-        "gradient_clipping": o.grad_clip,
+        # clip_scope 'branch' clips inside the optimizer (ops/engine.py build_engine), so DeepSpeed does not
+        "gradient_clipping": o.grad_clip if o.clip_scope == "global" else 0.0,
+        "branch_clipping": o.grad_clip if o.clip_scope == "branch" else 0.0,
         "zero_optimization": _zero_section(o),
         # offloaded or not, the optimizer stays torch's AdamW, so nothing is compiled at start-up
         "zero_force_ds_cpu_optimizer": False,

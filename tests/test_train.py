@@ -90,6 +90,11 @@ def test_deepspeed_config_is_derived_from_the_run_config():
     assert ds["train_micro_batch_size_per_gpu"] == cfg.loader.batch_size and "train_batch_size" not in ds
     assert ds["optimizer"]["params"]["lr"] == cfg.optim.lr and ds["optimizer"]["params"]["torch_adam"]
     assert ds["scheduler"]["type"] == "WarmupCosineLR" and ds["scheduler"]["params"]["total_num_steps"] == 100
+    assert ds["gradient_clipping"] == cfg.optim.grad_clip and ds["branch_clipping"] == 0
+    # clipped per branch inside the optimizer (ops/optimizer.py), so DeepSpeed's global clipping is off
+    cfg.optim.clip_scope = "branch"
+    ds = deepspeed_config(cfg, total_steps=100, bf16=False)
+    assert ds["branch_clipping"] == cfg.optim.grad_clip and ds["gradient_clipping"] == 0
 
 
 def test_metrics_endpoint_answers_during_training(tiny_shards, tmp_path):
