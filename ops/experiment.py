@@ -373,7 +373,29 @@ def summarize(cells: list[Cell]) -> tuple[dict, dict]:
             "per_seed": {entry: branches for (t, entry), branches in per_seed.items()
                          if t == task and entry in ("unimodal", "multimodal", "cotrain", LATE_FUSION)},
         }
+        by_band = _visibility_rows([c for c in cells if c.task == task]) if kind == "class" else None
+        if by_band:
+            details[task]["by_visibility"] = by_band
     return results, details
+
+
+def _visibility_rows(cells: list[Cell]) -> dict | None:
+    """Per student modality, test accuracy per visibility band (ops/evidence.py) of the baseline, the co-trained
+    student and the co-trained teacher, pooled over seeds; None unless the task's corpus recorded visibility."""
+    from .evidence import accuracy_by_band, read_visibility
+
+    visibility = read_visibility(cells[0].run.parents[2] / "corpus" / cells[0].task)
+    runs: dict[str, list[Path]] = {}
+    for cell in cells:
+        runs.setdefault(cell.entry, []).append(cell.run)
+    if visibility is None or "cotrain" not in runs:
+        return None
+    rows = {}
+    for student in sorted(b for b in _scores(runs["cotrain"][0], "test")["branches"] if "/" not in b and b != TEACHER):
+        rows[student] = {"alone": accuracy_by_band(runs[f"unimodal/{student}"], student, student, visibility),
+                         "co-trained": accuracy_by_band(runs["cotrain"], student, student, visibility),
+                         "co-trained teacher": accuracy_by_band(runs["cotrain"], TEACHER, student, visibility)}
+    return rows
 
 
 def _muted_seeds(cells: list[Cell]) -> dict[str, dict[str, int]]:

@@ -62,7 +62,20 @@ def _baseline_section(task: str, results: dict, details: dict, plots: Path, link
                      f"{_fmt(fused, scale)} | | | | | |")
     _plot_baselines(results, metric, plots / f"{task}-baselines.png")
     return lines + ["", f"![{task}: alone against co-trained]({link}/{task}-baselines.png)", ""] + \
-        goal_lines(results, details)
+        goal_lines(results, details) + _visibility_lines(details)
+
+
+def _visibility_lines(details: dict) -> list[str]:
+    """Accuracy per visibility band of each student's modality (family corpora only; ops/evidence.py)."""
+    from .evidence import band_table
+
+    rows = details.get("by_visibility")
+    if not rows:
+        return []
+    return ["", "Test accuracy (%) by how visible the class signal of the student's modality was (samples in "
+            "brackets, pooled over seeds). Where the modality showed nothing (visibility near 0), no student can "
+            "be right beyond chance and the teacher is right through the other modality: a lead transfer cannot "
+            "pass on. A student can gain only where its own input shows the class.", ""] + band_table(rows) + [""]
 
 
 GOAL_MARGIN, GOAL_LEAD, GOAL_GAIN, GOAL_SEED_LOSS = 0.005, 0.10, 0.015, 0.02
