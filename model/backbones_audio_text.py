@@ -116,26 +116,33 @@ def resolve_weights(weights: str) -> Path:
                          f"cache; {_fetch_hint(weights)}") from err
 
 
-def _hf_model(family: str, config: str | dict, weights: str | None, **init) -> nn.Module:
-    """The family's transformers model: random weights in `config`'s architecture, or `weights` loaded."""
-    transformers = _transformers()
-    model_class = getattr(transformers, _FAMILIES[family][1])
-    if weights is None:
-        return model_class(_config(family, config), **init)
-    source = resolve_weights(weights)
+def _model_config(family: str, config: str | dict, weights: str | None):
+    """(transformers config, weights path or None): the weights directory's config.json where weights are a
+    directory, else `config` (a NAMED_CONFIGS name or a dict of sizes)."""
+    source = resolve_weights(weights) if weights is not None else None
+    if source is None or not source.is_dir():
+        return _config(family, config), source
+    if not (source / "config.json").is_file():
+        raise ValueError(f"weights directory {source} has no config.json: save it with save_pretrained() or "
+                         f"fetch the whole model ({_fetch_hint('<name>')})")
+    made = getattr(_transformers(), _FAMILIES[family][0]).from_pretrained(source)
+    made._attn_implementation = "eager"
+    return made, source
+
+
+def _hf_model(family: str, config, source: Path | None, **init) -> nn.Module:
+    """The family's transformers model in `config`'s architecture, with the weights at `source` if any."""
+    model_class = getattr(_transformers(), _FAMILIES[family][1])
+    if source is None or _on_meta():  # on the meta device (encoder_width) there is nothing to load into
+        return model_class(config, **init)
     if source.is_dir():
-        if not (source / "config.json").is_file():
-            raise ValueError(f"weights directory {source} has no config.json: save it with save_pretrained() or "
-                             f"fetch the whole model ({_fetch_hint('<name>')})")
-        if _on_meta():
-            return model_class(getattr(transformers, _FAMILIES[family][0]).from_pretrained(source), **init)
         try:
-            return model_class.from_pretrained(source, attn_implementation="eager", **init)
+            # use_kernels=False: the kernels library would fetch compiled layers from the hub at load time
+            return model_class.from_pretrained(source, config=config, use_kernels=False, **init)
         except (OSError, ValueError) as err:
             raise ValueError(f"weights directory {source} does not load as a {model_class.__name__}: {err}") from err
-    model = model_class(_config(family, config), **init)
-    if not _on_meta():
-        _load_state_file(model, source)
+    model = model_class(config, **init)
+    _load_state_file(model, source)
     return model
 
 
@@ -157,13 +164,6 @@ def _load_state_file(model: nn.Module, path: Path) -> None:
         raise ValueError(f"weights file {path} lacks {len(missing)} of the {type(model).__name__}'s weights "
                          f"(e.g. {', '.join(missing[:4])}): it is not a state dict of this architecture; set the "
                          f"encoder's config to the one it was saved from")
-
-
-def _weights_dir(weights: str | None) -> Path | None:
-    if weights is None:
-        return None
-    source = resolve_weights(weights)
-    return source if source.is_dir() else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,11 +279,12 @@ def _normalizes(weights_dir: Path | None, normalize: bool | None) -> bool:
 def _speech_encoder(family: str, *, in_channels: int, config: str | dict, weights: str | None,
                     normalize: bool | None, sample_rate: int | None) -> StagedEncoder:
     _check_waveform_input(family, in_channels, sample_rate)
-    model = _hf_model(family, config, weights)
-    cfg = model.config
+    cfg, source = _model_config(family, config, weights)
+    model = _hf_model(family, cfg, source)
     stable = bool(cfg.do_stable_layer_norm)
     layers = list(model.encoder.layers)
-    stages = [_WaveformFeatures(model.feature_extractor, _normalizes(_weights_dir(weights), normalize)),
+    weights_dir = source if source is not None and source.is_dir() else None
+    stages = [_WaveformFeatures(model.feature_extractor, _normalizes(weights_dir, normalize)),
               _WaveformProjection(model.feature_projection, model.encoder, stable)]
     stages += [LibraryAttentionLayer(layer, layer.attention,
                                      model.encoder.layer_norm if stable and i == len(layers) - 1 else None)
@@ -310,17 +311,17 @@ def build_hubert(*, in_channels: int = 1, config: str | dict = "facebook/hubert-
                            sample_rate=sample_rate)
 
 
-def _check_vocabulary(model: nn.Module, vocab_size: int, special_ids: dict | None, weights_dir: Path | None) -> None:
+def _check_vocabulary(config, vocab_size: int, special_ids: dict | None, weights_dir: Path | None) -> None:
     """The shards' token ids must be this model's: the same vocabulary size, padding id and (where the weights
     ship their tokenizer) the same [CLS]/[SEP] ids."""
     fix = "rebuild the shards with `cotrain shards build --tokenizer DIR` giving this model's tokenizer " \
           "(vocab.txt or tokenizer.json), or give the encoder the config of the model whose tokenizer built them"
-    if model.config.vocab_size != vocab_size:
-        raise ValueError(f"the bert text encoder has a vocabulary of {model.config.vocab_size} tokens, the shards' "
+    if config.vocab_size != vocab_size:
+        raise ValueError(f"the bert text encoder has a vocabulary of {config.vocab_size} tokens, the shards' "
                          f"tokenizer (dataset.json vocab_size) {vocab_size}; {fix}")
     special_ids = special_ids or {}
-    if special_ids.get("pad", 0) != (model.config.pad_token_id or 0):
-        raise ValueError(f"the bert text encoder pads with id {model.config.pad_token_id}, the shards with "
+    if special_ids.get("pad", 0) != (config.pad_token_id or 0):
+        raise ValueError(f"the bert text encoder pads with id {config.pad_token_id}, the shards with "
                          f"{special_ids.get('pad')}; {fix}")
     shipped = _shipped_vocabulary(weights_dir)
     for key, token in (("cls", "[CLS]"), ("sep", "[SEP]"), ("pad", "[PAD]")):
@@ -351,8 +352,9 @@ def build_bert(*, vocab_size: int, config: str | dict = "bert-base-uncased", wei
     they must match the model's. A config dict without vocab_size takes the shards'."""
     if isinstance(config, dict) and "vocab_size" not in config:
         config = {**config, "vocab_size": vocab_size}
-    model = _hf_model("bert", config, weights, add_pooling_layer=False)
-    _check_vocabulary(model, vocab_size, special_ids, _weights_dir(weights))
+    cfg, source = _model_config("bert", config, weights)
+    _check_vocabulary(cfg, vocab_size, special_ids, source if source is not None and source.is_dir() else None)
+    model = _hf_model("bert", cfg, source, add_pooling_layer=False)
     layers = list(model.encoder.layer)
     stages = [_TokenEmbeddings(model.embeddings, model.config.max_position_embeddings)]
     stages += [LibraryAttentionLayer(layer, layer.attention.self) for layer in layers]

@@ -1,0 +1,175 @@
+"""model/backbones_audio_text.py: wav2vec2, HuBERT, BERT (transformers, random weights at tiny sizes) and the
+log-mel 2D CNN build, train, split, reload, export and expose attention; the shards store a model's token ids."""
+import json
+
+import pytest
+import torch
+
+from model.cotrain import CoTrainModel, ModalitySpec
+from model.encoders import build_encoder
+from model.export import ExportedModel, export_model, unimodal_model
+
+transformers = pytest.importorskip("transformers")
+
+SPEECH = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
+          "conv_dim": [8, 8], "conv_stride": [5, 2], "conv_kernel": [10, 3], "num_conv_pos_embeddings": 8,
+          "num_conv_pos_embedding_groups": 2}
+BERT = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
+        "max_position_embeddings": 16}
+SAMPLES, MELS, VOCAB = 400, 10, 30
+
+# Tiny configurations, one per encoder this module registers (test_model_encoders checks none is missing).
+TINY = {
+    ("audio", "wav2vec2"): {"in_channels": 1, "config": SPEECH},
+    ("audio", "hubert"): {"in_channels": 1, "config": SPEECH},
+    ("audio", "cnn2d"): {"in_channels": MELS, "stem_width": 4, "widths": [4, 8, 8, 8]},
+    ("text", "bert"): {"vocab_size": VOCAB, "config": BERT},
+}
+STAGE_NAMES = {
+    "wav2vec2": ["feature_extractor", "feature_projection", "encoder.layers.0", "encoder.layers.1"],
+    "hubert": ["feature_extractor", "feature_projection", "encoder.layers.0", "encoder.layers.1"],
+    "cnn2d": ["stem", "layer1", "layer2", "layer3", "layer4"],
+    "bert": ["embeddings", "encoder.layer.0", "encoder.layer.1"],
+}
+
+
+def _input(kind: str, name: str):
+    g = torch.Generator().manual_seed(0)
+    if kind == "text":
+        ids = torch.randint(1, VOCAB, (2, 8), generator=g, dtype=torch.int32)
+        ids[1, 5:] = 0
+        return ids, ids != 0
+    if name == "cnn2d":
+        return torch.randn(2, MELS, 1 + SAMPLES // 160, generator=g), None
+    return torch.randn(2, SAMPLES, generator=g) * 0.1, None
+
+
+@pytest.mark.parametrize("kind,name", sorted(TINY))
+def test_encoder_builds_trains_and_splits_at_every_named_stage(kind, name):
+    torch.manual_seed(0)
+    enc = build_encoder(kind, name, **TINY[(kind, name)])
+    assert enc.stage_names == STAGE_NAMES[name] and len(enc.stage_names) == len(enc.stages)
+    x, valid = _input(kind, name)
+    out = enc(x, valid)
+    assert out.shape[:2] == (2, enc.out_channels[-1]) and torch.isfinite(out).all()
+    if kind == "text":
+        assert out.shape[2] == x.shape[1] and (out[1, :, 5:] == 0).all()  # one token per id, padding zeroed
+    out.square().mean().backward()
+    without = [n for n, p in enc.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not without, f"no finite gradient for {without}"
+    enc.eval()
+    with torch.no_grad():
+        whole = enc(x, valid)
+        for split in range(len(enc.stages) + 1):  # shared stages + the rest == the whole encoder
+            rest = enc.run(enc.run(x, 0, split, valid=valid), split, valid=valid)
+            assert torch.allclose(rest, whole, atol=1e-5), f"split at {split} ({enc.stage_names[split - 1]})"
+
+
+def _library_model(name: str):
+    if name == "bert":
+        return transformers.BertModel(transformers.BertConfig(vocab_size=VOCAB, **BERT), add_pooling_layer=False)
+    family = {"wav2vec2": (transformers.Wav2Vec2Config, transformers.Wav2Vec2Model),
+              "hubert": (transformers.HubertConfig, transformers.HubertModel)}[name]
+    return family[1](family[0](**SPEECH))
+
+
+@pytest.mark.parametrize("kind,name", [("audio", "wav2vec2"), ("audio", "hubert"), ("text", "bert")])
+def test_weights_saved_by_the_library_load_and_the_stages_reproduce_its_model(kind, name, tmp_path):
+    torch.manual_seed(1)
+    reference = _library_model(name).eval()
+    reference.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False}))
+    options = {k: v for k, v in TINY[(kind, name)].items() if k != "config"}
+    enc = build_encoder(kind, name, weights=str(tmp_path / "hf"), **options).eval()
+    x, valid = _input(kind, name)
+    with torch.no_grad():
+        ours = enc(x, valid).transpose(1, 2)  # (B, L, D)
+        if kind == "text":
+            theirs = reference(input_ids=x.long(), attention_mask=valid.long()).last_hidden_state
+            ours, theirs = ours[valid], theirs[valid]
+        else:  # preprocessor_config.json says the weights take the waveform as it is
+            theirs = reference(x).last_hidden_state
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+    prefix = reference.base_model_prefix  # a state-dict file whose keys carry the model's prefix loads too
+    torch.save({f"{prefix}.{k}": v for k, v in reference.state_dict().items()}, tmp_path / "w.pt")
+    from_file = build_encoder(kind, name, weights=str(tmp_path / "w.pt"), normalize=False, **TINY[(kind, name)]) \
+        if kind == "audio" else build_encoder(kind, name, weights=str(tmp_path / "w.pt"), **TINY[(kind, name)])
+    with torch.no_grad():
+        assert torch.allclose(from_file.eval()(x, valid), enc(x, valid), atol=1e-6)
+
+
+def test_missing_or_foreign_weights_say_how_to_fetch_them(tmp_path):
+    for weights in (str(tmp_path / "nowhere"), "cotrain-tests/no-such-model"):
+        with pytest.raises(ValueError, match=r"hf download .* --local-dir .*encoders.<modality>.weights"):
+            build_encoder("text", "bert", vocab_size=VOCAB, config=BERT, weights=weights)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no config.json"):
+        build_encoder("text", "bert", vocab_size=VOCAB, config=BERT, weights=str(tmp_path / "empty"))
+    torch.save({"something.else": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="lacks .* not a state dict of this architecture"):
+        build_encoder("text", "bert", vocab_size=VOCAB, config=BERT, weights=str(tmp_path / "other.pt"))
+
+
+def test_inputs_the_backbones_cannot_read_are_explained():
+    with pytest.raises(ValueError, match="loader.audio_features: waveform"):
+        build_encoder("audio", "wav2vec2", in_channels=40, config=SPEECH)
+    with pytest.raises(ValueError, match="--sample-rate 16000"):
+        build_encoder("audio", "hubert", in_channels=1, config=SPEECH, sample_rate=22050)
+    with pytest.raises(ValueError, match="loader.audio_features: logmel"):
+        build_encoder("audio", "cnn2d", in_channels=1)
+    with pytest.raises(ValueError, match="vocabulary of 30522 tokens.*vocab_size\\) 30.*--tokenizer"):
+        build_encoder("text", "bert", vocab_size=VOCAB, config="bert-base-uncased")
+    with pytest.raises(ValueError, match="pads with id 0, the shards with 3"):
+        build_encoder("text", "bert", vocab_size=VOCAB, config=BERT, special_ids={"pad": 3})
+    with pytest.raises(ValueError, match="config 'bert-huge' is not known; give one of bert-base-uncased"):
+        build_encoder("text", "bert", vocab_size=VOCAB, config="bert-huge")
+
+
+def _unimodal(kind: str, name: str, seed: int) -> CoTrainModel:
+    spec = ModalitySpec("m", kind, dict(TINY[(kind, name)]), 1, name)
+    return CoTrainModel([spec], 3, mode="unimodal", init_seed=seed).eval()
+
+
+def _meta(kind: str, name: str, model: CoTrainModel) -> dict:
+    spec = ModalitySpec("m", kind, dict(TINY[(kind, name)]), 1, name)
+    source = {"max_tokens": 8} if kind == "text" else {"samples": SAMPLES, "sample_rate": 16000}
+    loader = {"audio_features": "logmel" if name == "cnn2d" else "waveform", "hop_ms": 10, "n_mels": MELS}
+    return {"spec": vars(spec), "num_classes": 3, "task": "class", "source": source, "loader": loader,
+            "modality": "m"}
+
+
+@pytest.mark.parametrize("kind,name", sorted(TINY))
+def test_weights_reload_and_every_export_format_gives_the_same_outputs(kind, name, tmp_path):
+    model = _unimodal(kind, name, seed=0)
+    x, _ = _input(kind, name)
+    present = {"m": torch.ones(2, dtype=torch.bool)}
+    with torch.no_grad():
+        expected = model({"m": x}, present)["m"]
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    reloaded = _unimodal(kind, name, seed=1)  # other initial weights, then the saved ones
+    with torch.no_grad():
+        assert not torch.allclose(reloaded({"m": x}, present)["m"], expected)
+        reloaded.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+        assert torch.equal(reloaded({"m": x}, present)["m"], expected)
+    for fmt in ("state_dict", "torchscript", "onnx"):
+        path = export_model(unimodal_model(model, "m"), _meta(kind, name, model), fmt, tmp_path / f"m.{fmt}")
+        assert torch.allclose(ExportedModel(path)(x), expected, atol=1e-4), fmt
+
+
+@pytest.mark.parametrize("kind,name", [("audio", "wav2vec2"), ("text", "bert")])
+def test_attention_level_transfer_reads_the_backbones_attention(kind, name):
+    torch.manual_seed(0)
+    other = ModalitySpec("o", "audio", {"in_channels": MELS, "widths": (8, 8, 8)}, 1, "cnn1d")
+    spec = ModalitySpec("m", kind, dict(TINY[(kind, name)]), 1, name)
+    model = CoTrainModel([spec, other], 3, mode="cotrain").eval()
+    x, valid = _input(kind, name)
+    inputs = {"m": x, "o": torch.randn(2, MELS, 12)}
+    present = {m: torch.ones(2, dtype=torch.bool) for m in inputs}
+    _, extras = model(inputs, present, extras=True)
+    attention = extras["attention"]["m"]  # the student's last layer, mean over heads and valid queries
+    assert attention.shape == extras["attention"]["multimodal/m"].shape  # (B, L) over the same tokens
+    assert attention.shape[0] == 2 and (kind != "text" or attention.shape[1] == x.shape[1])
+    assert torch.allclose(attention.sum(dim=1), torch.ones(2), atol=1e-5)
+    if kind == "text":
+        assert (attention[1, 5:] == 0).all()  # no attention on padding
