@@ -11,8 +11,10 @@ architectures at a scale a single GPU trains in minutes; they were not tuned on 
 from __future__ import annotations
 
 import copy
+import inspect
 
 from .cotrain import ModalitySpec
+from .encoders import ENCODERS
 
 __all__ = ["PRESETS", "preset", "merge", "modality_specs"]
 
@@ -86,9 +88,25 @@ def modality_specs(modalities: dict[str, dict], shapes: dict[str, dict], *, shar
         choice = merge(encoders.get(kind, {}), encoders.get(name, {}))
         options = {k: v for k, v in choice.items() if k not in SPEC_KEYS}
         options.update(_input_shape(modality, shapes.get(name, {})))
+        options.update(_data_arguments(kind, choice.get("name"), modality))
         specs.append(ModalitySpec(name, kind, options, int(choice.get("shared_stages", shared_stages)),
                                   choice.get("name"), choice.get("pool", "mean")))
     return specs
+
+
+DATA_ARGUMENTS = {"sample_rate": int, "special_ids": dict}
+"""dataset.json fields an encoder takes when its builder names them: the audio's sample rate (wav2vec2 and HuBERT
+check it is 16 kHz) and the text tokenizer's special ids (bert checks they are its own)."""
+
+
+def _data_arguments(kind: str, name: str | None, modality: dict) -> dict:
+    """The DATA_ARGUMENTS the chosen encoder's builder takes, from the modality's dataset.json entry."""
+    names = ENCODERS.get(kind, {})
+    builder = names.get(name or next(iter(names), ""))
+    if builder is None:  # an unknown kind or name: build_encoder names the valid ones
+        return {}
+    taken = inspect.signature(builder).parameters
+    return {key: convert(modality[key]) for key, convert in DATA_ARGUMENTS.items() if key in taken and key in modality}
 
 
 def _input_shape(modality: dict, shape: dict) -> dict:
