@@ -16,7 +16,7 @@ import inspect
 from .cotrain import ModalitySpec
 from .encoders import ENCODERS
 
-__all__ = ["PRESETS", "preset", "merge", "modality_specs"]
+__all__ = ["PRESETS", "LIBRARY_PRESETS", "preset", "merge", "modality_specs"]
 
 PRESETS: dict[str, dict] = {
     # NVGesture-style: RGB and depth clips, both through ResNet-3D; the stem and first stage are shared.
@@ -51,6 +51,43 @@ PRESETS: dict[str, dict] = {
         },
         # learned late-fusion weights: on the synthetic sentiment corpus they put the teacher ahead of text on
         # validation (0.729 against 0.742 MAE with equal weights; docs/results-late-weights.md)
+        "fusion": {"dim": 64, "layers": 2, "heads": 4, "late_fusion_weights": "learned"},
+        "task": {"regression_loss": "l1", "ccc_weight": 0.5},
+        "transfer": {"alpha": 1.0, "temperature": 2.0, "feature": 0.5, "attention": 0.5},
+    },
+}
+
+
+LIBRARY_PRESETS: dict[str, dict] = {
+    # The emotion and sentiment settings with backbones from transformers and their pretrained weights named
+    # (model/backbones_audio_text.py). Weights are read from a local directory or the local Hugging Face cache,
+    # never downloaded: fetch them once (`hf download NAME --local-dir DIR`) and point encoders.<kind>.weights at
+    # DIR where the cache is not used. Their test builds them at tiny sizes with random weights.
+    #
+    # RAVDESS-style face video + voice: the video branch is the emotion preset's per-frame 2D CNN then temporal
+    # convolutions (frames2d); the voice is wav2vec 2.0 base on the 16 kHz waveform (shards built with
+    # --sample-rate 16000), its conv feature extractor, projection and first two Transformer layers shared.
+    "emotion-wav2vec2": {
+        "encoders": {
+            "video": {"name": "frames2d", "shared_stages": 4, "frame_widths": [32, 64, 128],
+                      "temporal_widths": [64, 64, 128, 128]},
+            "audio": {"name": "wav2vec2", "shared_stages": 4, "config": "facebook/wav2vec2-base",
+                      "weights": "facebook/wav2vec2-base"},
+        },
+        "loader": {"audio_features": "waveform"},
+        "fusion": {"dim": 128, "layers": 2, "heads": 4, "cross_layers": 1},
+        "task": {"label_smoothing": 0.1},
+        "transfer": {"alpha": 1.0, "temperature": 2.0},
+    },
+    # CMU-MOSEI-style feature sequences + transcript: the features through the sentiment preset's Transformer,
+    # the transcript through BERT base (uncased) on its own WordPiece ids (shards built with
+    # --tokenizer DIR/bert-base-uncased), embeddings and first three layers shared; both sides expose
+    # attention, so attention-level transfer applies.
+    "sentiment-bert": {
+        "encoders": {
+            "features": {"name": "transformer", "shared_stages": 1, "dim": 64, "layers": 3, "heads": 4},
+            "text": {"name": "bert", "shared_stages": 4, "config": "bert-base-uncased", "weights": "bert-base-uncased"},
+        },
         "fusion": {"dim": 64, "layers": 2, "heads": 4, "late_fusion_weights": "learned"},
         "task": {"regression_loss": "l1", "ccc_weight": 0.5},
         "transfer": {"alpha": 1.0, "temperature": 2.0, "feature": 0.5, "attention": 0.5},

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from model.cotrain import CoTrainModel, ModalitySpec
+from model.cotrain import CoTrainModel, FusionConfig, ModalitySpec
 from model.encoders import build_encoder
 from model.export import ExportedModel, export_model, unimodal_model
 
@@ -267,7 +267,6 @@ def test_a_tokenizer_whose_id_0_is_not_padding_is_refused(tmp_path):
 
 def _run_config(shards, out, text_config, epochs: int):
     from ops.config import MetricsConfig, RunConfig
-    from model.cotrain import FusionConfig
     from pipeline.config import LoaderConfig
 
     return RunConfig(shards=str(shards), out=str(out), epochs=epochs, seed=0, metrics=MetricsConfig(port=0),
@@ -300,3 +299,44 @@ def test_training_refuses_a_text_encoder_of_another_vocabulary(bert_shards, tmp_
     shards, _, _ = bert_shards
     with pytest.raises(ValueError, match="vocabulary of 30522 tokens, the shards' tokenizer .* --tokenizer"):
         train(_run_config(shards, tmp_path / "run", "bert-base-uncased", epochs=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets with library backbones and named weights
+
+LIBRARY_PRESET_DATA = {
+    "emotion-wav2vec2": ({"video": {"kind": "video"}, "audio": {"kind": "audio", "sample_rate": 16000}},
+                         {"video": {"frame_widths": [4, 8], "temporal_widths": [8, 8, 8, 8]},
+                          "audio": {"config": {**SPEECH, "num_hidden_layers": 3}, "weights": None}}),
+    "sentiment-bert": ({"features": {"kind": "features", "dim": 6},
+                        "text": {"kind": "text", "vocab_size": VOCAB, "special_ids": {"pad": 0, "cls": 2}}},
+                       {"features": {"dim": 16, "heads": 2},
+                        "text": {"config": {**BERT, "num_hidden_layers": 4}, "weights": None}}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LIBRARY_PRESET_DATA))
+def test_library_presets_name_their_weights_and_build_at_tiny_sizes(name):
+    from model.presets import merge, modality_specs
+    from ops.presets import preset_layer
+    from pipeline.config import LoaderConfig
+    from pipeline.dali_loader import model_inputs
+
+    layer = preset_layer(name)
+    modalities, tiny = LIBRARY_PRESET_DATA[name]
+    shapes = model_inputs({m: s for m, s in modalities.items() if s["kind"] != "features"},
+                          LoaderConfig(**layer.get("loader", {})))  # the preset's loader gives the waveform
+    with pytest.raises(ValueError, match=r"not in the local Hugging Face cache; .*hf download (facebook/wav2vec2-base|"
+                                         r"bert-base-uncased) --local-dir"):
+        modality_specs(modalities, shapes, shared_stages=1, encoders=layer["encoders"])[-1].build_encoder()
+    torch.manual_seed(0)
+    specs = modality_specs(modalities, shapes, shared_stages=1, encoders=merge(layer["encoders"], tiny))
+    model = CoTrainModel(specs, 3, fusion=FusionConfig(dim=16, heads=2))
+    x = {"video": torch.randn(2, 3, 4, 16, 16), "audio": torch.randn(2, SAMPLES),
+         "features": torch.randn(2, 5, 6), "text": _input("text", "bert")[0]}
+    inputs = {m: x[m] for m in modalities}
+    logits, extras = model(inputs, {m: torch.ones(2, dtype=torch.bool) for m in inputs},
+                           {"features": torch.tensor([5, 3])} if "features" in inputs else None, extras=True)
+    assert set(model.students) == set(modalities) and all(torch.isfinite(v).all() for v in logits.values())
+    library = next(m for m in modalities if m in ("audio", "text"))
+    assert library in extras["attention"]  # the library backbone's student exposes its attention
