@@ -124,8 +124,11 @@ def modality_specs(modalities: dict[str, dict], shapes: dict[str, dict], *, shar
         kind = modality["kind"]
         choice = merge(encoders.get(kind, {}), encoders.get(name, {}))
         options = {k: v for k, v in choice.items() if k not in SPEC_KEYS}
-        options.update(_input_shape(modality, shapes.get(name, {})))
-        options.update(_data_arguments(kind, choice.get("name"), modality))
+        taken = _builder_parameters(kind, choice.get("name"))
+        # the loader's shape arguments and dataset.json's DATA_ARGUMENTS that the chosen encoder takes (features
+        # encoders have no use for the loader's max_frames, bert none for in_channels)
+        options.update(_known(_input_shape(modality, shapes.get(name, {})), taken))
+        options.update(_known(_data_arguments(modality), taken))
         specs.append(ModalitySpec(name, kind, options, int(choice.get("shared_stages", shared_stages)),
                                   choice.get("name"), choice.get("pool", "mean")))
     return specs
@@ -136,14 +139,21 @@ DATA_ARGUMENTS = {"sample_rate": int, "special_ids": dict}
 check it is 16 kHz) and the text tokenizer's special ids (bert checks they are its own)."""
 
 
-def _data_arguments(kind: str, name: str | None, modality: dict) -> dict:
-    """The DATA_ARGUMENTS the chosen encoder's builder takes, from the modality's dataset.json entry."""
+def _builder_parameters(kind: str, name: str | None) -> set[str] | None:
+    """The keyword arguments of the chosen encoder's builder; None for an unknown kind or name (build_encoder
+    then names the valid ones)."""
     names = ENCODERS.get(kind, {})
     builder = names.get(name or next(iter(names), ""))
-    if builder is None:  # an unknown kind or name: build_encoder names the valid ones
-        return {}
-    taken = inspect.signature(builder).parameters
-    return {key: convert(modality[key]) for key, convert in DATA_ARGUMENTS.items() if key in taken and key in modality}
+    return None if builder is None else set(inspect.signature(builder).parameters)
+
+
+def _known(arguments: dict, taken: set[str] | None) -> dict:
+    return arguments if taken is None else {k: v for k, v in arguments.items() if k in taken}
+
+
+def _data_arguments(modality: dict) -> dict:
+    """The modality's DATA_ARGUMENTS from its dataset.json entry."""
+    return {key: convert(modality[key]) for key, convert in DATA_ARGUMENTS.items() if key in modality}
 
 
 def _input_shape(modality: dict, shape: dict) -> dict:

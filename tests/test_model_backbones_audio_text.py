@@ -308,7 +308,7 @@ LIBRARY_PRESET_DATA = {
     "emotion-wav2vec2": ({"video": {"kind": "video"}, "audio": {"kind": "audio", "sample_rate": 16000}},
                          {"video": {"frame_widths": [4, 8], "temporal_widths": [8, 8, 8, 8]},
                           "audio": {"config": {**SPEECH, "num_hidden_layers": 3}, "weights": None}}),
-    "sentiment-bert": ({"features": {"kind": "features", "dim": 6},
+    "sentiment-bert": ({"features": {"kind": "features", "dim": 6, "max_frames": 5},
                         "text": {"kind": "text", "vocab_size": VOCAB, "special_ids": {"pad": 0, "cls": 2}}},
                        {"features": {"dim": 16, "heads": 2},
                         "text": {"config": {**BERT, "num_hidden_layers": 4}, "weights": None}}),
@@ -324,8 +324,7 @@ def test_library_presets_name_their_weights_and_build_at_tiny_sizes(name):
 
     layer = preset_layer(name)
     modalities, tiny = LIBRARY_PRESET_DATA[name]
-    shapes = model_inputs({m: s for m, s in modalities.items() if s["kind"] != "features"},
-                          LoaderConfig(**layer.get("loader", {})))  # the preset's loader gives the waveform
+    shapes = model_inputs(modalities, LoaderConfig(**layer.get("loader", {})))  # the preset's loader: the waveform
     with pytest.raises(ValueError, match=r"not in the local Hugging Face cache; .*hf download (facebook/wav2vec2-base|"
                                          r"bert-base-uncased) --local-dir"):
         modality_specs(modalities, shapes, shared_stages=1, encoders=layer["encoders"])[-1].build_encoder()
@@ -340,3 +339,21 @@ def test_library_presets_name_their_weights_and_build_at_tiny_sizes(name):
     assert set(model.students) == set(modalities) and all(torch.isfinite(v).all() for v in logits.values())
     library = next(m for m in modalities if m in ("audio", "text"))
     assert library in extras["attention"]  # the library backbone's student exposes its attention
+
+
+def test_specs_give_each_encoder_only_the_data_arguments_it_takes():
+    from model.presets import modality_specs
+    from pipeline.config import LoaderConfig
+    from pipeline.dali_loader import model_inputs
+
+    modalities = {"face": {"kind": "features", "dim": 6, "max_frames": 9},
+                  "words": {"kind": "text", "vocab_size": VOCAB, "special_ids": {"pad": 0}},
+                  "voice": {"kind": "audio", "sample_rate": 16000}}
+    encoders = {"text": {"name": "bert", "config": BERT}, "features": {"dim": 16, "heads": 2}}
+    specs = modality_specs(modalities, model_inputs(modalities, LoaderConfig()), shared_stages=1, encoders=encoders)
+    options = {s.name: s.encoder for s in specs}
+    assert options["face"] == {"in_channels": 6, "dim": 16, "heads": 2}  # the loader's max_frames is not its option
+    assert options["words"] == {"config": BERT, "vocab_size": VOCAB, "special_ids": {"pad": 0}}
+    assert options["voice"] == {"in_channels": 40}  # cnn1d takes no sample rate; wav2vec2 would
+    for spec in specs:
+        spec.build_encoder()
