@@ -263,6 +263,13 @@ def test_a_tokenizer_whose_id_0_is_not_padding_is_refused(tmp_path):
         build_shards(manifest, out=tmp_path / "out", tokenizer=tmp_path / "vocab.txt", workers=1, progress=False)
     with pytest.raises(BuildError, match="neither tokenizer.json nor vocab.txt"):
         build_shards(manifest, out=tmp_path / "out", tokenizer=tmp_path / "corpus", workers=1, progress=False)
+    from click.testing import CliRunner
+
+    from ops.cli import main
+
+    result = CliRunner().invoke(main, ["shards", "build", str(manifest), "--out", str(tmp_path / "out"),
+                                       "--tokenizer", str(tmp_path / "nowhere")])
+    assert result.exit_code != 0 and "nowhere not found; give a tokenizer directory" in result.output
 
 
 def _run_config(shards, out, text_config, epochs: int):
@@ -294,6 +301,27 @@ def test_cotraining_with_bert_text_and_wav2vec2_audio_learns(bert_shards, tmp_pa
         assert history[0]["train"][f"{m}_task_loss"] > 1.0, m  # they start at chance
         assert history[-1]["train"][f"{m}_task_loss"] < LOSS_BELOW[m], m
         assert max(h["val"][m] for h in history) >= VAL_ACCURACY[m] - 1e-9, m
+    _exported_branches_predict_on_raw_media(shards, tmp_path)
+
+
+def _exported_branches_predict_on_raw_media(shards, tmp_path):
+    """The wav2vec2 branch, exported, classifies the val split's raw WAV files through predict's preprocessing;
+    the bert branch embeds the shards' WordPiece tokenizer."""
+    from model.export import export_run
+    from ops.predict import preprocess
+
+    records = [json.loads(line) for line in (shards.parent / "corpus" / "manifest.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["split"] == "val"]
+    audio = ExportedModel(export_run(tmp_path / "run", "audio", "onnx", tmp_path / "audio.onnx"))
+    right = sum(int(audio(*preprocess(audio.meta, str(shards.parent / "corpus" / r["audio"])))[0].argmax())
+                == r["label"] for r in val)
+    assert right >= 8, f"{right} of {len(val)}"
+    text = ExportedModel(export_run(tmp_path / "run", "text", "torchscript", tmp_path / "text.pt"))
+    (ids,) = preprocess(text.meta, "Red things", literal=True)
+    from tokenizers import Tokenizer
+
+    red = Tokenizer.from_str(text.meta["tokenizer"]).token_to_id("red")
+    assert ids.shape == (1, 8) and ids[0, :2].tolist() == [2, red] and ids[0].tolist().count(3) == 1  # [CLS] red ... [SEP]
 
 
 def test_training_refuses_a_text_encoder_of_another_vocabulary(bert_shards, tmp_path):
