@@ -80,6 +80,10 @@ def _config(family: str, config: str | dict):
             raise ValueError(f"{family} config {config!r} is not known; give one of {', '.join(known)}, or a dict "
                              f"of {config_class.__name__} sizes (hidden_size, num_hidden_layers, ...)")
         config = NAMED_CONFIGS[config][1]
+    unknown = sorted(set(config) - set(config_class().to_dict()))
+    if unknown:  # the library would keep a misspelt field as an attribute nothing reads
+        raise ValueError(f"{family} config: {', '.join(unknown)} is not a field of {config_class.__name__}; see "
+                         f"its documentation in transformers for the valid ones (hidden_size, num_hidden_layers, ...)")
     try:
         made = config_class(**dict(config))
     except (TypeError, ValueError) as err:

@@ -124,6 +124,8 @@ def test_inputs_the_backbones_cannot_read_are_explained():
         build_encoder("text", "bert", vocab_size=VOCAB, config=BERT, special_ids={"pad": 3})
     with pytest.raises(ValueError, match="config 'bert-huge' is not known; give one of bert-base-uncased"):
         build_encoder("text", "bert", vocab_size=VOCAB, config="bert-huge")
+    with pytest.raises(ValueError, match="hidden_sizes is not a field of BertConfig"):
+        build_encoder("text", "bert", vocab_size=VOCAB, config={**BERT, "hidden_sizes": 8})
 
 
 def _unimodal(kind: str, name: str, seed: int) -> CoTrainModel:
