@@ -22,6 +22,10 @@ setup(
         # Trains the corpus tokenizer at build time (issue #2/#3): a maintained, fast
         # implementation of WordLevel/BPE training beats a hand-written vocabulary.
         "tokenizers>=0.15",
+        # wav2vec2, HuBERT and BERT backbones (model/backbones_audio_text.py) and their pretrained weights in
+        # Hugging Face format: the reference implementations those weights were trained with, so loading them
+        # needs no hand-written port of each architecture (torchaudio's wav2vec2 needs a matching torch build).
+        "transformers>=5.0",
         # Progress bars on long shard builds and training.
         "tqdm",
         # In-process encoding and decode checks of shard members (issue #3): each ffmpeg CLI launch

@@ -171,7 +171,9 @@ def _teacher_rest(encoder: StagedEncoder, spec: ModalitySpec, fusion: FusionConf
 
 
 def _last_transformer(module: nn.Module) -> TransformerStage | None:
-    blocks = [m for m in module.modules() if isinstance(m, TransformerStage)]
+    """The last self-attention block of `module` that exposes its attention (TransformerStage or a library
+    backbone's layer wrapped to do the same), or None."""
+    blocks = [m for m in module.modules() if getattr(m, "exposes_attention", False)]
     return blocks[-1] if blocks else None
 
 

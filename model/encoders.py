@@ -26,13 +26,18 @@ def _groups(channels: int) -> int:
 
 
 class StagedEncoder(nn.Module):
-    """An encoder as `stages`; `out_channels[i]` is the width after stage i."""
+    """An encoder as `stages`; `out_channels[i]` is the width after stage i. `stage_names[i]`, where given,
+    names stage i by the backbone's own module name (e.g. 'encoder.layer.3'), unique and in order."""
 
-    def __init__(self, stages: list[nn.Module], out_channels: list[int], kind: str):
+    def __init__(self, stages: list[nn.Module], out_channels: list[int], kind: str,
+                 stage_names: list[str] | None = None):
         super().__init__()
+        if stage_names is not None and (len(stage_names) != len(stages) or len(set(stage_names)) != len(stages)):
+            raise ValueError(f"stage_names must name each of the {len(stages)} stages once, got {stage_names}")
         self.stages = nn.ModuleList(stages)
         self.out_channels = list(out_channels)
         self.kind = kind
+        self.stage_names = None if stage_names is None else list(stage_names)
 
     def run(self, x: torch.Tensor, start: int = 0, end: int | None = None,
             valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -216,6 +221,9 @@ class TransformerStage(nn.Module):
     set, the last forward's attention (B, L, L), averaged over heads, is kept in `attention`."""
 
     takes_mask = True
+    exposes_attention = True
+    """Modules that set `exposes_attention` keep the last forward's (B, L, L) head-averaged attention in
+    `attention` while `record_attention` is set: what attention-level transfer reads (model/cotrain.py)."""
 
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
@@ -328,6 +336,13 @@ ENCODERS: dict[str, dict[str, Callable[..., StagedEncoder]]] = {
     "text": {"cnn": build_text_cnn, "transformer": build_text_transformer},
     "features": {"transformer": build_features_transformer, "tcn": build_features_tcn},
 }
+
+
+# backbones from libraries (their module imports transformers only when one of them is built)
+from .backbones_audio_text import AUDIO_ENCODERS, TEXT_ENCODERS  # noqa: E402  (they build on StagedEncoder)
+
+ENCODERS["audio"].update(AUDIO_ENCODERS)
+ENCODERS["text"].update(TEXT_ENCODERS)
 
 
 def build_encoder(kind: str, name: str | None = None, **cfg) -> StagedEncoder:

@@ -74,6 +74,8 @@ def _example_inputs(meta: dict) -> tuple[torch.Tensor, ...]:
     if kind in ("video", "depth"):
         channels = meta["spec"]["encoder"].get("in_channels", 3)
         return (torch.zeros(1, channels, int(spec["frames"]), int(spec["height"]), int(spec["width"])),)
+    if kind == "audio" and _waveform(meta):
+        return (torch.zeros(1, int(spec["samples"])),)
     if kind == "audio":
         frames = 1 + int(spec["samples"]) // int(int(spec["sample_rate"]) * meta["loader"]["hop_ms"] / 1000)
         return (torch.zeros(1, int(meta["loader"]["n_mels"]), frames),)
@@ -83,6 +85,11 @@ def _example_inputs(meta: dict) -> tuple[torch.Tensor, ...]:
         return (ids,)
     steps = int(spec["max_frames"])
     return torch.zeros(1, steps, int(spec["dim"])), torch.tensor([steps])
+
+
+def _waveform(meta: dict) -> bool:
+    """Whether the branch reads the raw waveform (B, S) rather than (B, F, T) features."""
+    return meta["loader"].get("audio_features") == "waveform"
 
 
 def _meta(payload: dict, modality: str, run: Path | None) -> dict:
@@ -132,7 +139,8 @@ def _export_onnx(model: UnimodalModel, example: tuple, meta: dict, path: Path) -
         raise ValueError("--format onnx needs the onnx package: pip install 'cotrain[onnx]' "
                          "(onnx and onnxruntime)") from err
     names = ["x", "lengths"][:len(example)]
-    steps_axis = {"audio": 2, "text": 1, "features": 1}.get(meta["spec"]["kind"])  # sequences may vary in length
+    # sequences may vary in length
+    steps_axis = {"audio": 1 if _waveform(meta) else 2, "text": 1, "features": 1}.get(meta["spec"]["kind"])
     x_axes = {0: "batch", **({steps_axis: "steps"} if steps_axis else {})}
     axes = {"x": x_axes, "logits": {0: "batch"}, **({"lengths": {0: "batch"}} if len(example) > 1 else {})}
     # with gradients on, attention takes its decomposed path (ONNX has no fused native attention op)

@@ -11,10 +11,12 @@ architectures at a scale a single GPU trains in minutes; they were not tuned on 
 from __future__ import annotations
 
 import copy
+import inspect
 
 from .cotrain import ModalitySpec
+from .encoders import ENCODERS
 
-__all__ = ["PRESETS", "preset", "merge", "modality_specs"]
+__all__ = ["PRESETS", "LIBRARY_PRESETS", "preset", "merge", "modality_specs"]
 
 PRESETS: dict[str, dict] = {
     # NVGesture-style: RGB and depth clips, both through ResNet-3D; the stem and first stage are shared.
@@ -56,6 +58,43 @@ PRESETS: dict[str, dict] = {
 }
 
 
+LIBRARY_PRESETS: dict[str, dict] = {
+    # The emotion and sentiment settings with backbones from transformers and their pretrained weights named
+    # (model/backbones_audio_text.py). Weights are read from a local directory or the local Hugging Face cache,
+    # never downloaded: fetch them once (`hf download NAME --local-dir DIR`) and point encoders.<kind>.weights at
+    # DIR where the cache is not used. Their test builds them at tiny sizes with random weights.
+    #
+    # RAVDESS-style face video + voice: the video branch is the emotion preset's per-frame 2D CNN then temporal
+    # convolutions (frames2d); the voice is wav2vec 2.0 base on the 16 kHz waveform (shards built with
+    # --sample-rate 16000), its conv feature extractor, projection and first two Transformer layers shared.
+    "emotion-wav2vec2": {
+        "encoders": {
+            "video": {"name": "frames2d", "shared_stages": 4, "frame_widths": [32, 64, 128],
+                      "temporal_widths": [64, 64, 128, 128]},
+            "audio": {"name": "wav2vec2", "shared_stages": 4, "config": "facebook/wav2vec2-base",
+                      "weights": "facebook/wav2vec2-base"},
+        },
+        "loader": {"audio_features": "waveform"},
+        "fusion": {"dim": 128, "layers": 2, "heads": 4, "cross_layers": 1},
+        "task": {"label_smoothing": 0.1},
+        "transfer": {"alpha": 1.0, "temperature": 2.0},
+    },
+    # CMU-MOSEI-style feature sequences + transcript: the features through the sentiment preset's Transformer,
+    # the transcript through BERT base (uncased) on its own WordPiece ids (shards built with
+    # --tokenizer DIR/bert-base-uncased), embeddings and first three layers shared; both sides expose
+    # attention, so attention-level transfer applies.
+    "sentiment-bert": {
+        "encoders": {
+            "features": {"name": "transformer", "shared_stages": 1, "dim": 64, "layers": 3, "heads": 4},
+            "text": {"name": "bert", "shared_stages": 4, "config": "bert-base-uncased", "weights": "bert-base-uncased"},
+        },
+        "fusion": {"dim": 64, "layers": 2, "heads": 4, "late_fusion_weights": "learned"},
+        "task": {"regression_loss": "l1", "ccc_weight": 0.5},
+        "transfer": {"alpha": 1.0, "temperature": 2.0, "feature": 0.5, "attention": 0.5},
+    },
+}
+
+
 def preset(name: str) -> dict:
     """A copy of the named preset."""
     if name not in PRESETS:
@@ -85,10 +124,36 @@ def modality_specs(modalities: dict[str, dict], shapes: dict[str, dict], *, shar
         kind = modality["kind"]
         choice = merge(encoders.get(kind, {}), encoders.get(name, {}))
         options = {k: v for k, v in choice.items() if k not in SPEC_KEYS}
-        options.update(_input_shape(modality, shapes.get(name, {})))
+        taken = _builder_parameters(kind, choice.get("name"))
+        # the loader's shape arguments and dataset.json's DATA_ARGUMENTS that the chosen encoder takes (features
+        # encoders have no use for the loader's max_frames, bert none for in_channels)
+        options.update(_known(_input_shape(modality, shapes.get(name, {})), taken))
+        options.update(_known(_data_arguments(modality), taken))
         specs.append(ModalitySpec(name, kind, options, int(choice.get("shared_stages", shared_stages)),
                                   choice.get("name"), choice.get("pool", "mean")))
     return specs
+
+
+DATA_ARGUMENTS = {"sample_rate": int, "special_ids": dict}
+"""dataset.json fields an encoder takes when its builder names them: the audio's sample rate (wav2vec2 and HuBERT
+check it is 16 kHz) and the text tokenizer's special ids (bert checks they are its own)."""
+
+
+def _builder_parameters(kind: str, name: str | None) -> set[str] | None:
+    """The keyword arguments of the chosen encoder's builder; None for an unknown kind or name (build_encoder
+    then names the valid ones)."""
+    names = ENCODERS.get(kind, {})
+    builder = names.get(name or next(iter(names), ""))
+    return None if builder is None else set(inspect.signature(builder).parameters)
+
+
+def _known(arguments: dict, taken: set[str] | None) -> dict:
+    return arguments if taken is None else {k: v for k, v in arguments.items() if k in taken}
+
+
+def _data_arguments(modality: dict) -> dict:
+    """The modality's DATA_ARGUMENTS from its dataset.json entry."""
+    return {key: convert(modality[key]) for key, convert in DATA_ARGUMENTS.items() if key in modality}
 
 
 def _input_shape(modality: dict, shape: dict) -> dict:

@@ -5,12 +5,14 @@ operational ones live here.
 """
 from __future__ import annotations
 
+from model.presets import LIBRARY_PRESETS
 from model.presets import PRESETS as MODEL_PRESETS
 
 __all__ = ["PRESETS", "preset_layer"]
 
 PRESETS: dict[str, dict] = {
     **MODEL_PRESETS,
+    **LIBRARY_PRESETS,
     # a first look at a new corpus: every branch trains and validates, in minutes on a laptop
     "quick": {"epochs": 2, "loader": {"batch_size": 8}},
 }

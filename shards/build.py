@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from shards.manifest import Manifest, ManifestSample, read_manifest
 from shards.out_folder import SHARD_FILE_PATTERN, check_out_folder
-from shards.tokenizer import train_tokenizer
+from shards.tokenizer import TokenizerError, load_model_tokenizer, tokenizer_description, train_tokenizer
 from shards.transcode import (
     AUDIO_FORMATS,
     FRAME_POLICIES,
@@ -97,7 +97,7 @@ def build_shards(manifest_path: Path | str, *, out: Path | str, modality_kinds: 
                  audio_fit: str = "start", feature_frames: int = 64, label_type: str | None = None,
                  max_shard_bytes: int | None = None, max_reject_fraction: float = 1.0, resume: bool = False,
                  part: tuple[int, int] | None = None, progress: bool = True, observer=None,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, tokenizer: Path | str | None = None) -> dict:
     """Convert the manifest's samples into `out` (see docs/formats.md) and return dataset.json's content.
 
     `resume=True` keeps the finished shards of an interrupted build with the same inputs and options and
@@ -105,7 +105,9 @@ def build_shards(manifest_path: Path | str, *, out: Path | str, modality_kinds: 
     the I-th of N disjoint slices of every split (`cotrain shards merge` joins them). `observer` (e.g.
     ops.metrics.BuildMetrics) hears `begin(totals=, done=, kinds=)` once, then `sample(split, key, members,
     reject)` per converted sample. `out` must be empty or an earlier build of the same inputs and options,
-    unless `overwrite` (shards/out_folder.py).
+    unless `overwrite` (shards/out_folder.py). `tokenizer` (a directory with tokenizer.json or vocab.txt, or
+    such a file) is the text model's own tokenizer, so text members hold that model's ids; without it a word-level
+    tokenizer is trained on the train split's texts.
     """
     settings = ConversionSettings(
         video=VideoSettings(fps=fps, frames=frames, height=height, width=width, codec=codec, resize=resize,
@@ -119,15 +121,18 @@ def build_shards(manifest_path: Path | str, *, out: Path | str, modality_kinds: 
     # At this point the manifest is structurally valid: no work was done before, all of it comes after.
     settings = _plan_modalities(manifest, settings)
     out = Path(out)
+    given = _given_tokenizer(tokenizer, manifest, max_tokens=max_tokens)
+    tokens = {"tokenizer": given.to_str()} if given is not None else {}  # a resume must use the same tokenizer
     fingerprint = _fingerprint(manifest, settings, seed=seed, part=part, max_shard_samples=max_shard_samples,
-                               max_shard_bytes=max_shard_bytes)
+                               max_shard_bytes=max_shard_bytes, **tokens)
     check_out_folder(out, manifest, fingerprint=fingerprint, overwrite=overwrite, resume=resume)
     out.mkdir(parents=True, exist_ok=True)
     # dataset.json is the "done" marker: remove it first so a crashed rebuild never looks finished.
     (out / "dataset.json").unlink(missing_ok=True)
     if not resume:
         _remove_shard_files(out, keep=set())
-    tokenizer = _save_tokenizer(manifest, out, max_tokens=max_tokens)
+    source = Path(tokenizer) if tokenizer is not None else None
+    tokenizer = _save_tokenizer(manifest, out, max_tokens=max_tokens, given=given)
     ordered = slice_part(shuffle_within_splits(manifest.samples, seed=seed), part)
     layout = _ShardLayout(out=out, max_samples=max_shard_samples, max_bytes=max_shard_bytes,
                           fingerprint=fingerprint, resume=resume)
@@ -135,12 +140,12 @@ def build_shards(manifest_path: Path | str, *, out: Path | str, modality_kinds: 
                                           workers=workers, progress=progress, observer=observer)
     _check_reject_fraction(rejects, len(ordered), max_reject_fraction, out)
     _remove_stale_shards(out, records)
-    description = _describe(manifest, settings, tokenizer, records, rejects=rejects, seed=seed)
+    description = _describe(manifest, settings, tokenizer, records, rejects=rejects, seed=seed, source=source)
     if part is not None:
         description["part"] = {"index": part[0], "count": part[1],
                                "options": _fingerprint(manifest, settings, seed=seed, part=None,
                                                        max_shard_samples=max_shard_samples,
-                                                       max_shard_bytes=max_shard_bytes)}
+                                                       max_shard_bytes=max_shard_bytes, **tokens)}
     write_shard_index(out, description)
     _write_json_atomically(out / "dataset.json", description)
     return description
@@ -186,12 +191,28 @@ def _first_readable(manifest: Manifest, name: str, read, *, default):
     return default
 
 
-def _save_tokenizer(manifest: Manifest, out: Path, *, max_tokens: int) -> Tokenizer | None:
-    """Train on the train split's texts (all texts if there is no `train` split); save tokenizer.json."""
+def _given_tokenizer(path: Path | str | None, manifest: Manifest, *, max_tokens: int) -> Tokenizer | None:
+    """The text model's own tokenizer the user gave (checked before any work is done), or None."""
+    if path is None:
+        return None
+    if "text" not in manifest.kinds.values():
+        raise BuildError(f"tokenizer {path} is given but the manifest has no text modality; leave out --tokenizer")
+    try:
+        return load_model_tokenizer(path, max_tokens=max_tokens)
+    except TokenizerError as error:
+        raise BuildError(str(error)) from None
+
+
+def _save_tokenizer(manifest: Manifest, out: Path, *, max_tokens: int, given: Tokenizer | None) -> Tokenizer | None:
+    """The `given` tokenizer, else one trained on the train split's texts (all texts if there is no `train`
+    split); saved as tokenizer.json, which the loaders, export and predict read."""
     text_names = [name for name, kind in manifest.kinds.items() if kind == "text"]
     if not text_names:
         (out / "tokenizer.json").unlink(missing_ok=True)  # an earlier build's tokenizer would mislead
         return None
+    if given is not None:
+        given.save(str(out / "tokenizer.json"))
+        return given
     has_train = any(sample.split == "train" for sample in manifest.samples)
     texts = [text for sample in manifest.samples if sample.split == "train" or not has_train
              for text in _readable_texts(sample, text_names)]
@@ -414,14 +435,14 @@ def _stats_name(tar: str) -> str:
 
 
 def _describe(manifest: Manifest, settings: ConversionSettings, tokenizer: Tokenizer | None,
-              records: dict[str, list[ShardRecord]], *, rejects: int, seed: int) -> dict:
+              records: dict[str, list[ShardRecord]], *, rejects: int, seed: int, source: Path | None) -> dict:
     """The dataset.json content (docs/formats.md)."""
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "seed": seed,
         "label": manifest.label,
-        "modalities": {name: describe_modality(name, kind, settings, tokenizer)
+        "modalities": {name: describe_modality(name, kind, settings, tokenizer, source)
                        for name, kind in manifest.kinds.items()},
         "splits": {split: {"samples": sum(record.samples for record in shards),
                            "shards": [record.as_dict() for record in shards]}
@@ -430,7 +451,8 @@ def _describe(manifest: Manifest, settings: ConversionSettings, tokenizer: Token
     }
 
 
-def describe_modality(name: str, kind: str, settings: ConversionSettings, tokenizer: Tokenizer | None) -> dict:
+def describe_modality(name: str, kind: str, settings: ConversionSettings, tokenizer: Tokenizer | None,
+                      source: Path | None = None) -> dict:
     video, audio = settings.video, settings.audio
     sampling = {"resize": video.resize, "policy": video.policy, "stride": video.stride}
     if kind == "video":
@@ -450,7 +472,8 @@ def describe_modality(name: str, kind: str, settings: ConversionSettings, tokeni
         return {"kind": kind, "ext": f"{name}.npy", "dtype": "float32", "dim": features.dim,
                 "max_frames": features.max_frames}
     return {"kind": kind, "ext": f"{name}.ids", "text_ext": f"{name}.txt", "max_tokens": settings.max_tokens,
-            "vocab_size": tokenizer.get_vocab_size(), "tokenizer": "tokenizer.json"}
+            "vocab_size": tokenizer.get_vocab_size(), "tokenizer": "tokenizer.json",
+            **tokenizer_description(tokenizer, source)}
 
 
 def write_shard_index(out: Path, description: dict) -> None:

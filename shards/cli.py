@@ -126,6 +126,10 @@ def _family_options(classes: int | None, size: int | None, strength: str | None)
 @click.option("--feature-frames", type=click.IntRange(min=1), default=64, show_default=True,
               help="Longest stored features sequence (longer ones keep their first frames).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+              help="The text model's own tokenizer (a directory with tokenizer.json or vocab.txt, or such a file), "
+                   "so text is stored as that model's ids (e.g. for encoders.text.name: bert); default: a "
+                   "word-level tokenizer trained on the train split.")
 @click.option("--max-shard-samples", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--max-shard-bytes", type=click.IntRange(min=10240), default=None,
               help="Roll over before a shard would exceed this size.")

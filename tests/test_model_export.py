@@ -248,4 +248,5 @@ def test_config_files_with_unknown_fields_are_refused(tiny_shards, tmp_path):
     assert result.exit_code != 0 and "unknown config key(s) fusion.dimm" in result.output
     result = CliRunner().invoke(main, ["train", "--shards", str(tiny_shards), "--out", str(tmp_path / "r"),
                                        "--preset", "nope"])
-    assert result.exit_code != 0 and "is not one of 'emotion', 'gesture', 'quick', 'sentiment'" in result.output
+    assert result.exit_code != 0 and ("is not one of 'emotion', 'emotion-wav2vec2', 'gesture', 'quick', 'sentiment', "
+                                      "'sentiment-bert'") in result.output
