@@ -43,17 +43,23 @@ class BranchClippedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
     def _clip_each_group(self) -> None:
+        """Scale each branch's gradients so that their norm is at most max_norm; groups that name the same
+        'branch' (a branch split further, e.g. by learning rate) share one norm."""
         grads = [[p.grad for p in g["params"] if p.grad is not None] for g in self.param_groups]
+        names = [g.get("branch", str(i)) for i, g in enumerate(self.param_groups)]
+        branches = list(dict.fromkeys(names))
         device = next((gs[0].device for gs in grads if gs), torch.device("cpu"))
-        squares = torch.stack([_sum_of_squares(gs, device) for gs in grads])
+        per_group = torch.stack([_sum_of_squares(gs, device) for gs in grads])
+        squares = torch.zeros(len(branches), device=device).index_add_(
+            0, torch.tensor([branches.index(n) for n in names], device=device), per_group)
         if self.partitioned and dist.is_available() and dist.is_initialized():
             dist.all_reduce(squares)
         norms = squares.sqrt()
         scales = (self.max_norm / (norms + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ formula
-        for group_grads, scale in zip(grads, scales):
+        for group_grads, name in zip(grads, names):
             if group_grads:
-                torch._foreach_mul_(group_grads, scale.to(group_grads[0].dtype))
-        self.last_norms = {g.get("branch", str(i)): n for i, (g, n) in enumerate(zip(self.param_groups, norms))}
+                torch._foreach_mul_(group_grads, scales[branches.index(name)].to(group_grads[0].dtype))
+        self.last_norms = dict(zip(branches, norms.tolist()))
 
 
 def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:

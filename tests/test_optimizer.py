@@ -78,3 +78,13 @@ def test_partitioned_gradients_are_clipped_by_the_norm_of_the_whole_branch():
                        lr=0.1)._clip_each_group()
     assert torch.allclose(torch.cat([out[0][0], out[1][0]]), big.grad)
     assert torch.allclose(torch.cat([out[0][1], out[1][1]]), small.grad)
+
+
+def test_groups_of_one_branch_share_its_norm():
+    """A branch split into groups (say by learning rate) is still clipped as one branch."""
+    big, small = _two_groups()
+    opt = BranchClippedAdamW([{"params": [big], "branch": "a"}, {"params": [small], "branch": "a", "lr": 0.01}],
+                             max_norm=1.0, partitioned=False, lr=0.1)
+    opt._clip_each_group()
+    assert torch.allclose(torch.cat([big.grad, small.grad]).norm(), torch.tensor(1.0), atol=1e-5)
+    assert list(opt.last_norms) == ["a"]
