@@ -26,13 +26,20 @@ def _groups(channels: int) -> int:
 
 
 class StagedEncoder(nn.Module):
-    """An encoder as `stages`; `out_channels[i]` is the width after stage i."""
+    """An encoder as `stages`; `out_channels[i]` is the width after stage i. `stage_names[i]`, when given, names
+    stage i (a backbone's own module names: stem, layer1...), so a config can split or freeze by name
+    (encoders.<m>.share_until, .freeze). `pretrained_stages`: how many first stages hold pretrained weights."""
 
-    def __init__(self, stages: list[nn.Module], out_channels: list[int], kind: str):
+    def __init__(self, stages: list[nn.Module], out_channels: list[int], kind: str,
+                 stage_names: list[str] | None = None):
         super().__init__()
         self.stages = nn.ModuleList(stages)
         self.out_channels = list(out_channels)
         self.kind = kind
+        if stage_names is not None and len(stage_names) != len(stages):
+            raise AssertionError(f"{len(stage_names)} stage names for {len(stages)} stages")
+        self.stage_names = list(stage_names) if stage_names is not None else None
+        self.pretrained_stages = 0
 
     def run(self, x: torch.Tensor, start: int = 0, end: int | None = None,
             valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -152,7 +159,8 @@ def build_resnet3d(*, in_channels: int = 3, stem_width: int = 16, widths: tuple[
                   for j in range(depth)]
         stages.append(nn.Sequential(*blocks))
         c_in = width
-    return StagedEncoder(stages, [stem_width, *widths], kind="video")
+    return StagedEncoder(stages, [stem_width, *widths], kind="video",
+                         stage_names=["stem", "layer1", "layer2", "layer3", "layer4"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,8 +338,10 @@ ENCODERS: dict[str, dict[str, Callable[..., StagedEncoder]]] = {
 }
 
 
-def build_encoder(kind: str, name: str | None = None, **cfg) -> StagedEncoder:
-    """Build a registered encoder; `name` defaults to the kind's first registered one."""
+def build_encoder(kind: str, name: str | None = None, *, load_weights: bool = True, **cfg) -> StagedEncoder:
+    """Build a registered encoder; `name` defaults to the kind's first registered one. Encoders that take
+    pretrained weights (option `weights`) read them unless `load_weights` is False (a model whose state dict is
+    loaded next: export, evaluation)."""
     if kind not in ENCODERS:
         raise ValueError(f"unknown modality kind {kind!r}; valid kinds: {', '.join(sorted(ENCODERS))}")
     names = ENCODERS[kind]
@@ -339,11 +349,18 @@ def build_encoder(kind: str, name: str | None = None, **cfg) -> StagedEncoder:
     centre = bool(cfg.pop("centre", kind == "depth"))
     if name not in names:
         raise ValueError(f"unknown {kind} encoder {name!r}; valid names: {', '.join(sorted(names))}")
+    builder = names[name]
+    if getattr(builder, "takes_weights", False):
+        cfg["load_weights"] = load_weights
+    elif cfg.get("weights") is not None:
+        takes = [n for n, b in names.items() if getattr(b, "takes_weights", False)]
+        raise ValueError(f"{kind} encoder {name!r} takes no pretrained weights; encoders that do: "
+                         f"{', '.join(takes) or 'none'}")
     try:
-        encoder = names[name](**cfg)
+        encoder = builder(**cfg)
     except TypeError as err:  # a misspelt or missing option: name the encoder and what it takes
-        raise ValueError(f"{kind} encoder {name!r}: {err}; see {names[name].__name__}'s signature in "
-                         f"model/encoders.py") from err
+        raise ValueError(f"{kind} encoder {name!r}: {err}; see {builder.__name__}'s signature in "
+                         f"model/encoders.py or model/backbones.py") from err
     encoder.kind = kind
     if centre:  # option `centre` (video and depth encoders): on by default for depth, see CentredInput
         if kind not in ("video", "depth"):
@@ -378,3 +395,6 @@ def masked_mean(tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tenso
         return tokens.mean(dim=1)
     weights = valid.to(tokens.dtype).unsqueeze(-1)
     return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+from . import backbones  # noqa: E402,F401 -- registers the torchvision backbones for video and depth

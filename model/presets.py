@@ -6,12 +6,14 @@ applies the preset, then the config file, then the command-line options. Their s
 architectures at a scale a single GPU trains in minutes; they were not tuned on the paper's corpora.
 
 `encoders` maps a modality kind (or, taking precedence, a modality name) to
-`{"name": registered encoder, "shared_stages": N, "pool": "mean"|"attention", **encoder options}`.
+`{"name": registered encoder, "shared_stages": N or "share_until": stage name, "pool": "mean"|"attention",
+"freeze", "lr_mult", "check_frame_size", **encoder options}` (docs/model.md).
 """
 from __future__ import annotations
 
 import copy
 
+from .backbones import BACKBONES, expected_frame_size, takes_input_size
 from .cotrain import ModalitySpec
 
 __all__ = ["PRESETS", "preset", "merge", "modality_specs"]
@@ -72,13 +74,15 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-SPEC_KEYS = ("name", "shared_stages", "pool")
+SPEC_KEYS = ("name", "shared_stages", "pool", "share_until", "freeze", "lr_mult", "check_frame_size")
+"""Keys of an encoders entry that are about the branch, not options of the encoder's builder."""
 
 
 def modality_specs(modalities: dict[str, dict], shapes: dict[str, dict], *, shared_stages: int,
-                   encoders: dict[str, dict] | None = None) -> list[ModalitySpec]:
+                   encoders: dict[str, dict] | None = None, video_frames: int = 0) -> list[ModalitySpec]:
     """One ModalitySpec per dataset modality. Encoder choices come from `encoders` by kind then by name;
-    the input shape (in_channels, vocab_size) always comes from the data."""
+    the input shape (in_channels, vocab_size) always comes from the data. `video_frames` is the loader's
+    (0 = every stored frame): backbones built for one input size (mvit_v2_s) get the clips' size from it."""
     encoders = encoders or {}
     specs = []
     for name, modality in modalities.items():
@@ -86,9 +90,28 @@ def modality_specs(modalities: dict[str, dict], shapes: dict[str, dict], *, shar
         choice = merge(encoders.get(kind, {}), encoders.get(name, {}))
         options = {k: v for k, v in choice.items() if k not in SPEC_KEYS}
         options.update(_input_shape(modality, shapes.get(name, {})))
+        if kind in ("video", "depth") and choice.get("name") in BACKBONES:
+            _fit_backbone(name, modality, choice, options, video_frames)
         specs.append(ModalitySpec(name, kind, options, int(choice.get("shared_stages", shared_stages)),
-                                  choice.get("name"), choice.get("pool", "mean")))
+                                  choice.get("name"), choice.get("pool", "mean"), choice.get("share_until"),
+                                  choice.get("freeze"), choice.get("lr_mult")))
     return specs
+
+
+def _fit_backbone(name: str, modality: dict, choice: dict, options: dict, video_frames: int) -> None:
+    """A torchvision backbone against the clips the shards hold: the frame size its weights were trained at must
+    be the stored one (unless check_frame_size is false), and a backbone built for one input size gets it."""
+    height, width = int(modality["height"]), int(modality["width"])
+    frames = int(modality["frames"]) if video_frames == 0 else min(video_frames, int(modality["frames"]))
+    expected = expected_frame_size(choice["name"], options.get("weights"))
+    if expected is not None and expected != (height, width) and choice.get("check_frame_size", True):
+        raise ValueError(
+            f"encoders.{name}: {choice['name']} weights {options['weights']} were trained on {expected[0]}x"
+            f"{expected[1]} frames, but the shards store {name} at {height}x{width}: rebuild the shards at that "
+            f"size (cotrain shards build MANIFEST --out DIR --size {expected[0]}x{expected[1]}), or set "
+            f"encoders.{name}.check_frame_size: false to fine-tune at {height}x{width}")
+    if takes_input_size(choice["name"]) and "input_size" not in options:
+        options["input_size"] = [frames, height, width]
 
 
 def _input_shape(modality: dict, shape: dict) -> dict:

@@ -45,7 +45,8 @@ READ_EVERY_STEPS = 10
 
 def _specs(cfg: RunConfig, modalities: dict[str, dict]) -> list[ModalitySpec]:
     shapes = model_inputs(modalities, cfg.loader)
-    return modality_specs(modalities, shapes, shared_stages=cfg.shared_stages, encoders=cfg.encoders)
+    return modality_specs(modalities, shapes, shared_stages=cfg.shared_stages, encoders=cfg.encoders,
+                          video_frames=cfg.loader.video_frames)
 
 
 def _version() -> str:
@@ -133,12 +134,13 @@ class Trainer:
         if resume:
             self._restore(allow_reshard)
 
-    def _build_model(self):
-        """The model this run trains (also rank 0's plain copy for validation under ZeRO-3)."""
+    def _build_model(self, load_weights: bool = True):
+        """The model this run trains (also rank 0's plain copy for validation under ZeRO-3, which needs no
+        pretrained weights: the trained ones are copied in)."""
         cfg = self.cfg
         return build_model(self.specs, self.info.num_classes, mode=cfg.mode, fusion=cfg.fusion, init_seed=cfg.seed,
                            students=cfg.students or None, task=cfg.task.type,
-                           feature_transfer=cfg.transfer.feature > 0)
+                           feature_transfer=cfg.transfer.feature > 0, load_weights=load_weights)
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def _restore(self, allow_reshard: bool) -> None:
@@ -326,7 +328,7 @@ class Trainer:
                              device_id=self.device_id)
         copy = None
         if self.cfg.optim.zero_stage == 3:  # in the engine's dtype, which _cast gives the inputs
-            copy = self._build_model().to(device=self.engine.device, dtype=self.dtype)
+            copy = self._build_model(load_weights=False).to(device=self.engine.device, dtype=self.dtype)
         return loader, copy
 
     def _validation_model(self):

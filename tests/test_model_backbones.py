@@ -1,0 +1,208 @@
+"""torchvision video backbones as encoders: every registered one builds, trains, splits by name, reloads and
+exports; pretrained weights from a local file or a (fake) hub cache, depth's averaged first convolution, the
+weights' normalisation inside exported models, frame-size checks, and a short co-training run that learns."""
+import json
+
+import pytest
+import torch
+
+from model.backbones import BACKBONES, LOADER_NORMALIZATION, InputNormalization, WeightsUnavailable, \
+    hub_checkpoint_path
+from model.cotrain import CoTrainModel, ModalitySpec, seeded
+from model.export import ExportedModel, export_model, unimodal_model
+from model.presets import PRESETS, modality_specs
+from pipeline.decode import DEPTH_MEAN, DEPTH_STD, VIDEO_MEAN, VIDEO_STD
+
+CLIP = (8, 32, 32)  # frames, height, width: the smallest clip s3d takes (it pools 32x down in space, 8x in time)
+SMALL_CLIP = (4, 16, 16)  # the others' (the 3D ResNets cost 8x less here)
+
+
+def _clip(name: str) -> tuple[int, int, int]:
+    return CLIP if name == "s3d" else SMALL_CLIP
+
+
+def _options(name: str, in_channels: int = 3, **extra) -> dict:
+    options = {"in_channels": in_channels, **extra}
+    if name == "mvit_v2_s":
+        options["input_size"] = list(_clip(name))
+    if name.startswith("frames_"):
+        options["temporal_widths"] = [16, 16]
+    return options
+
+
+def _second_stage(name: str) -> str:
+    with torch.device("meta"):
+        return ModalitySpec("rgb", "video", _options(name), encoder_name=name).build_encoder().stage_names[1]
+
+
+def _meta(spec: ModalitySpec, classes: int = 4, clip: tuple[int, int, int] = CLIP) -> dict:
+    return {"spec": vars(spec), "num_classes": classes, "task": "class", "modality": spec.name, "loader": {},
+            "source": {"frames": clip[0], "height": clip[1], "width": clip[2]}}
+
+
+def _present(x: torch.Tensor) -> torch.Tensor:
+    return torch.ones(x.shape[0], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_every_backbone_trains_splits_by_name_reloads_and_exports(name, tmp_path):
+    torch.manual_seed(0)
+    spec = ModalitySpec("rgb", "video", _options(name), encoder_name=name, share_until=_second_stage(name))
+    assert spec.shared_stages == 2
+    model = CoTrainModel([spec], 4, mode="unimodal").eval()
+    x = torch.randn(2, 3, *_clip(name))
+    with seeded(0, "encoder/rgb"):  # the same weights the model's encoder drew
+        whole = spec.build_encoder().eval()
+    with torch.no_grad():
+        split = model.students["rgb"].rest(model.shared["rgb"](x))
+        assert split.shape[1] == whole.out_channels[-1]
+        assert torch.allclose(split, whole(x), atol=1e-5)  # shared + rest == the whole encoder
+        expected = model({"rgb": x}, {"rgb": _present(x)})["rgb"]
+    for fmt in ("state_dict", "torchscript"):  # a fresh model with the saved weights; a traced one
+        path = export_model(unimodal_model(model, "rgb"), _meta(spec, clip=_clip(name)), fmt, tmp_path / f"m.{fmt}")
+        assert torch.allclose(ExportedModel(path)(x), expected, atol=1e-5), fmt
+
+    model.train()
+    model({"rgb": x}, {"rgb": _present(x)})["rgb"].logsumexp(dim=1).mean().backward()
+    grads = [p.grad for _, _, p in model.encoder_parameters("rgb")]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+def _torchvision_state(name: str, seed: int = 1) -> dict:
+    import torchvision.models as tv
+
+    torch.manual_seed(seed)
+    return tv.get_model(BACKBONES[name].constructor, weights=None).state_dict()
+
+
+def test_local_weights_load_and_depth_averages_the_rgb_filters(tmp_path):
+    state = _torchvision_state("mc3_18")
+    path = tmp_path / "mc3.pth"
+    torch.save(state, path)
+    rgb = ModalitySpec("rgb", "video", {"in_channels": 3, "weights": str(path)}, encoder_name="mc3_18").build_encoder()
+    assert torch.equal(rgb.stages[0][0].weight, state["stem.0.weight"])
+    assert torch.equal(rgb.stages[4][1].conv1[0].weight, state["layer4.1.conv1.0.weight"])
+    assert rgb.pretrained_stages == 5 and rgb.input_normalization is None  # a bare file says nothing of it
+    depth = ModalitySpec("d", "depth", {"in_channels": 1, "weights": str(path), "centre": False},
+                         encoder_name="mc3_18").build_encoder()
+    assert depth.stages[0][0].weight.shape[1] == 1
+    assert torch.allclose(depth.stages[0][0].weight, state["stem.0.weight"].mean(dim=1, keepdim=True))
+
+
+def test_weights_files_that_do_not_fit_are_refused_with_the_keys(tmp_path):
+    state = _torchvision_state("mc3_18")
+    state.pop("layer1.0.conv1.0.weight")
+    state["extra.weight"] = torch.zeros(1)
+    bad = tmp_path / "bad.pth"
+    torch.save({"state_dict": state}, bad)
+    with pytest.raises(ValueError, match=r"1 missing keys \['layer1.0.conv1.0.weight'\], 1 unexpected keys "
+                                         r"\['extra.weight'\]"):
+        ModalitySpec("rgb", "video", {"in_channels": 3, "weights": str(bad)}, encoder_name="mc3_18").build_encoder()
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ModalitySpec("rgb", "video", {"weights": str(tmp_path / "none.pth")}, encoder_name="mc3_18").build_encoder()
+    with pytest.raises(ValueError, match="valid: KINETICS400_V1, DEFAULT"):
+        ModalitySpec("rgb", "video", {"weights": "IMAGENET1K_V1"}, encoder_name="mc3_18").build_encoder()
+    with pytest.raises(ValueError, match="takes no pretrained weights"):
+        ModalitySpec("rgb", "video", {"weights": str(bad)}, encoder_name="cnn3d").build_encoder()
+
+
+@pytest.fixture
+def hub_dir(tmp_path):
+    before = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(before)
+
+
+def test_named_weights_come_from_the_hub_cache_or_say_where_to_put_them(hub_dir, tmp_path):
+    from torchvision.models.video import MC3_18_Weights
+
+    entry = MC3_18_Weights.KINETICS400_V1
+    spec = ModalitySpec("rgb", "video", {"in_channels": 3, "weights": "KINETICS400_V1"}, encoder_name="mc3_18")
+    with pytest.raises(WeightsUnavailable) as missing:
+        spec.build_encoder()
+    target = hub_dir / "checkpoints" / "mc3_18-a90a0ba3.pth"
+    assert entry.url in str(missing.value) and str(target) in str(missing.value)
+    assert hub_checkpoint_path(entry) == target
+
+    target.parent.mkdir(parents=True)
+    state = _torchvision_state("mc3_18")
+    torch.save(state, target)
+    encoder = spec.build_encoder()
+    norm = encoder.stages[0]
+    assert isinstance(norm, InputNormalization) and torch.equal(norm.stage[0].weight, state["stem.0.weight"])
+    # a pixel p reaches the loader as (p - 0.45) / 0.225 and the weights as (p - mean) / std
+    pixels = torch.rand(1, 3, 1, 2, 2)
+    loader_mean, loader_std = LOADER_NORMALIZATION[3]
+    assert (loader_mean, loader_std) == (VIDEO_MEAN / 255, VIDEO_STD / 255)
+    assert LOADER_NORMALIZATION[1] == (DEPTH_MEAN, DEPTH_STD)
+    weights_mean, weights_std = list(entry.transforms().mean), list(entry.transforms().std)
+    assert encoder.input_normalization == {"mean": weights_mean, "std": weights_std}
+    seen = InputNormalization(torch.nn.Identity(), weights_mean, weights_std, in_channels=3)
+    mean, std = torch.tensor(weights_mean).reshape(1, 3, 1, 1, 1), torch.tensor(weights_std).reshape(1, 3, 1, 1, 1)
+    assert torch.allclose(seen((pixels - loader_mean) / loader_std), (pixels - mean) / std, atol=1e-6)
+
+    # exported: the normalisation travels inside, and rebuilding needs no weights file
+    model = CoTrainModel([spec], 3, mode="unimodal").eval()
+    x = torch.randn(2, 3, *CLIP)
+    with torch.no_grad():
+        expected = model({"rgb": x}, {"rgb": _present(x)})["rgb"]
+    paths = [export_model(unimodal_model(model, "rgb"), _meta(spec, 3), fmt, tmp_path / f"m.{fmt}")
+             for fmt in ("torchscript", "state_dict")]
+    target.unlink()
+    for path in paths:
+        exported = ExportedModel(path)
+        assert exported.meta["spec"]["encoder"]["weights"] == "KINETICS400_V1"
+        assert torch.allclose(exported(x), expected, atol=1e-5)
+
+
+def _video_modality(size: int, frames: int = 8) -> dict:
+    return {"kind": "video", "frames": frames, "height": size, "width": size}
+
+
+def test_the_weights_frame_size_is_checked_against_the_shards_and_mvit_gets_the_clip_size():
+    encoders = {"video": {"name": "r3d_18", "weights": "KINETICS400_V1"}}
+    shapes = {"rgb": {"in_channels": 3}}
+    with pytest.raises(ValueError, match=r"trained on 112x112 frames, but the shards store rgb at 32x32.*"
+                                         r"--size 112x112.*check_frame_size: false"):
+        modality_specs({"rgb": _video_modality(32)}, shapes, shared_stages=1, encoders=encoders)
+    assert modality_specs({"rgb": _video_modality(112)}, shapes, shared_stages=1, encoders=encoders)
+    encoders["video"]["check_frame_size"] = False
+    (spec,) = modality_specs({"rgb": _video_modality(32)}, shapes, shared_stages=1, encoders=encoders)
+    assert "check_frame_size" not in spec.encoder
+    (mvit,) = modality_specs({"rgb": _video_modality(32, frames=12)}, shapes, shared_stages=1, video_frames=8,
+                             encoders={"video": {"name": "mvit_v2_s", "share_until": "blocks.1"}})
+    assert mvit.encoder["input_size"] == [8, 32, 32] and mvit.shared_stages == 3
+    with torch.device("meta"):
+        encoder = mvit.build_encoder()
+    with pytest.raises(ValueError, match=r"set encoders.<modality>.input_size to \[8, 64, 64\]"):
+        encoder.stages[0](torch.zeros(1, 3, 8, 64, 64))
+
+
+def test_share_until_names_the_valid_stages():
+    with pytest.raises(ValueError, match="valid names: stem, layer1, layer2, layer3, layer4"):
+        ModalitySpec("rgb", "video", {"in_channels": 3}, encoder_name="r2plus1d_18", share_until="layer5")
+
+
+def test_cotraining_with_a_torchvision_backbone_learns(tiny_shards, tmp_path):
+    from click.testing import CliRunner
+
+    from ops.cli import main
+
+    run = tmp_path / "run"
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"encoders": {"video": {"name": "mc3_18", "share_until": "layer3"}},
+                                  "fusion": {"dim": 16, "heads": 2}}))
+    result = CliRunner().invoke(main, ["train", "--shards", str(tiny_shards), "--out", str(run), "--config",
+                                       str(config), "--modalities", "rgb,audio", "--epochs", "4", "--batch-size",
+                                       "8", "--metrics-port", "0", "--set", "optim.lr=3e-3"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    history = json.loads((run / "history.json").read_text())
+    losses = [epoch["train"]["rgb_loss"] for epoch in history]
+    assert losses[-1] < 1.5 < losses[0], losses  # ln 6 = 1.79 at chance
+
+
+def test_the_gesture_preset_names_a_torchvision_backbone_and_its_weights():
+    for kind in ("video", "depth"):
+        choice = PRESETS["gesture"]["encoders"][kind]
+        assert choice["name"] in BACKBONES and choice["weights"] == "KINETICS400_V1"
