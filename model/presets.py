@@ -19,12 +19,16 @@ from .cotrain import ModalitySpec
 __all__ = ["PRESETS", "preset", "merge", "modality_specs"]
 
 PRESETS: dict[str, dict] = {
-    # NVGesture-style: RGB and depth clips, both through ResNet-3D; the stem and first stage are shared.
+    # NVGesture / EgoGesture-style: RGB and depth clips, both through torchvision's R3D-18 pretrained on
+    # Kinetics-400 (the authors fine-tune a Kinetics-pretrained 3D ResNeXt); depth's first convolution averages the
+    # RGB filters. Stem to layer2 are shared. The weights want 112x112 clips (shards built with --size 112x112);
+    # the file must be in torch's hub cache (the error says where), or set encoders.<kind>.weights to a local file.
     "gesture": {
         "encoders": {
-            "video": {"name": "resnet3d", "shared_stages": 2, "stem_width": 32, "widths": [32, 64, 128, 256]},
-            "depth": {"name": "resnet3d", "shared_stages": 2, "stem_width": 32, "widths": [32, 64, 128, 256]},
+            "video": {"name": "r3d_18", "weights": "KINETICS400_V1", "share_until": "layer2"},
+            "depth": {"name": "r3d_18", "weights": "KINETICS400_V1", "share_until": "layer2"},
         },
+        "optim": {"lr": 1e-3, "pretrained_lr_mult": 0.1},
         "fusion": {"dim": 128, "layers": 2, "heads": 4},
         "transfer": {"alpha": 1.0, "temperature": 2.0},
     },

@@ -40,6 +40,12 @@ class OptimConfig:
     rescaled so it is the mean over the micro-batches it has (DeepSpeed would carry it into the next epoch)."""
     offload_optimizer: bool = False
     """Keep the optimizer state in host memory (ZeRO-Offload; needs zero_stage >= 1)."""
+    pretrained_lr_mult: float = 1.0
+    """Learning-rate multiplier of encoder stages that hold pretrained weights (encoders.<m>.weights);
+    encoders.<m>.lr_mult overrides it per encoder. New parameters train at lr."""
+    layer_decay: float = 1.0
+    """Layer-wise decay: pretrained stage i of P trains at pretrained_lr_mult * layer_decay ** (P - i), so stages
+    near the input move least. 1 = off."""
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -48,6 +54,11 @@ class OptimConfig:
             raise ValueError(f"optim.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.grad_accum < 1:
             raise ValueError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.pretrained_lr_mult <= 0:
+            raise ValueError(f"optim.pretrained_lr_mult must be > 0 (freeze stages to stop them), "
+                             f"got {self.pretrained_lr_mult}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"optim.layer_decay must be in (0, 1] (1 = off), got {self.layer_decay}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("optim.offload_optimizer needs ZeRO stage 1, 2 or 3: add --zero-stage 2")
 

@@ -93,11 +93,13 @@ def rank_info() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict):
-    """deepspeed.initialize with the optimizer and scheduler the config names."""
+def build_engine(model: torch.nn.Module, ds_config: dict, param_groups: list[dict] | None = None):
+    """deepspeed.initialize with the optimizer and scheduler the config names; `param_groups` (each with its own
+    "lr", ops/finetune.py) keep their rates relative to each other through the schedule."""
     import deepspeed
 
-    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    parameters = param_groups if param_groups is not None else model.parameters()
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=parameters, config=ds_config)
     if rank_info()[2] == 1 and ds_config["zero_optimization"]["stage"] == 0 and not ds_config["bf16"]["enabled"]:
         # one process, no ZeRO optimizer: the gradient "all-reduce" over one rank only flattens and copies every
         # gradient back (5 ms of a 77 ms CPU step, bench/loop_overhead.py); the result is the same without it

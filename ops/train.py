@@ -30,6 +30,7 @@ from .config import RunConfig, config_hash, deepspeed_config, hashed_config, sav
 from .device import all_reduce_flags, broadcast_object, check_torch_sees_gpu, compute_dtype, force_cpu, \
     loader_device_id
 from .engine import build_engine, init_distributed, rank_info
+from .finetune import param_groups
 from .evaluate import BEST_DIR, MODEL_FILE, print_warning, score_branches, task_of
 from .progress import progress_bar, progress_wanted
 from .run_folder import record_shards
@@ -120,7 +121,7 @@ class Trainer:
         self.total_steps = cfg.epochs * steps  # micro-steps: the transfer schedule's clock
         optimizer_steps = cfg.epochs * math.ceil(steps / cfg.optim.grad_accum)
         ds_config = deepspeed_config(cfg, total_steps=optimizer_steps, bf16=self.gpu)
-        self.engine, self.scheduler = build_engine(model, ds_config)
+        self.engine, self.scheduler = build_engine(model, ds_config, param_groups(model, self.specs, cfg.optim))
         self.dtype = compute_dtype(ds_config)  # inputs and rank 0's evaluation copy follow the engine's weights
         self.readback = StepReadback(READ_EVERY_STEPS)
         self.metrics = TrainingMetrics(rank=self.rank, local_rank=self.local_rank, gpu=self.gpu)
