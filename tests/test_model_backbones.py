@@ -228,3 +228,67 @@ def test_the_gesture_preset_loads_kinetics_weights_into_rgb_and_depth(hub_dir):
     assert torch.allclose(stems["depth"], state["stem.0.weight"].mean(dim=1, keepdim=True))
     teacher_layer4 = model.teacher.rests["depth"][1][1].conv2[0].weight  # the teacher's own pretrained copy
     assert torch.equal(teacher_layer4, state["layer4.1.conv2.0.weight"])
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_freeze_and_learning_rate_multipliers_reach_the_deepspeed_optimizer(tmp_path, zero_stage):
+    from ops.config import OptimConfig, RunConfig, deepspeed_config
+    from ops.engine import build_engine, init_distributed
+    from ops.finetune import param_groups
+
+    path = tmp_path / "r.pth"
+    torch.save(_torchvision_state("frames_resnet18"), path)
+    spec = ModalitySpec("rgb", "video", _options("frames_resnet18", weights=str(path)), encoder_name="frames_resnet18",
+                        share_until="layer1", freeze="stem", lr_mult=0.1)
+    model = CoTrainModel([spec], 3, mode="cotrain")
+    layout = model.stage_layout["rgb"]
+    assert layout.pretrained == 5 and layout.names[5:] == ["temporal1", "temporal2"]
+    optim = OptimConfig(lr=1e-3, layer_decay=0.5, zero_stage=zero_stage)
+    groups = param_groups(model, [spec], optim)
+    stages = {id(p): s for s, _, p in model.encoder_parameters("rgb")}
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for param_id, stage in stages.items():
+        if stage == 0:
+            assert param_id not in lr_of  # frozen
+        else:  # pretrained layer1..layer4: 0.1 * 0.5 ** (5 - stage); the new temporal stages: lr
+            expected = 1e-3 * (0.1 * 0.5 ** (5 - stage) if stage < 5 else 1)
+            assert lr_of[param_id] == pytest.approx(expected)
+    assert not any(p.requires_grad for s, _, p in model.encoder_parameters("rgb") if s == 0)
+    assert lr_of[id(model.teacher.head.weight)] == pytest.approx(1e-3)
+
+    init_distributed(1)
+    cfg = RunConfig(shards="x", out=str(tmp_path), optim=optim)
+    engine, _ = build_engine(model, deepspeed_config(cfg, total_steps=10, bf16=False), groups)
+    x = torch.randn(2, 3, *SMALL_CLIP)
+    frozen = [p.detach().clone() for s, _, p in model.encoder_parameters("rgb") if s == 0]
+    for _ in range(2):
+        loss = sum(v.logsumexp(dim=1).mean() for v in engine({"rgb": x}, {"rgb": _present(x)}).values())
+        engine.backward(loss)
+        engine.step()
+    rates = sorted(g["lr"] for g in engine.optimizer.param_groups)
+    initial = sorted({g["lr"] for g in groups})
+    assert len(rates) == len(initial)
+    ratios = [r / rates[-1] for r in rates]  # the schedule scales every group alike
+    assert ratios == pytest.approx([lr / initial[-1] for lr in initial])
+    assert all(torch.equal(a, p) for a, (s, _, p) in zip(frozen, [e for e in model.encoder_parameters("rgb")
+                                                                  if e[0] == 0]))
+
+
+def test_fine_tuning_settings_are_checked():
+    from ops.config import OptimConfig
+    from ops.finetune import frozen_stages
+
+    with pytest.raises(ValueError, match="pretrained_lr_mult must be > 0"):
+        OptimConfig(pretrained_lr_mult=0)
+    with pytest.raises(ValueError, match=r"layer_decay must be in \(0, 1\]"):
+        OptimConfig(layer_decay=1.5)
+    spec = ModalitySpec("rgb", "video", {}, freeze=["layer1", "layer9"])
+    layout_names = ["stem", "layer1", "layer2"]
+    from model.cotrain import StageLayout
+
+    with pytest.raises(ValueError, match="layer9 not among the encoder's stages; valid names: stem, layer1, layer2"):
+        frozen_stages(spec, StageLayout(layout_names, 0, 1))
+    spec.freeze = ["layer2", "stem"]
+    assert frozen_stages(spec, StageLayout(layout_names, 0, 1)) == {0, 2}
+    spec.freeze = 2
+    assert frozen_stages(spec, StageLayout(layout_names, 0, 1)) == {0, 1}
