@@ -47,16 +47,17 @@ def stage_lr_mults(spec: ModalitySpec, layout: StageLayout, optim: OptimConfig) 
 def param_groups(model: CoTrainModel, specs: list[ModalitySpec], optim: OptimConfig) -> list[dict]:
     """The optimizer's parameter groups, one per learning rate; frozen parameters stop requiring gradients and
     join no group."""
-    by_mult: dict[float, list] = {}
-    placed = set()
+    mult_of: dict[int, float | None] = {}  # None: frozen
     for spec in specs:
         layout = model.stage_layout[spec.name]
         frozen, mults = frozen_stages(spec, layout), stage_lr_mults(spec, layout, optim)
         for stage, _, param in model.encoder_parameters(spec.name):
-            placed.add(id(param))
-            if stage in frozen:
-                param.requires_grad_(False)
-            else:
-                by_mult.setdefault(mults.get(stage, 1.0), []).append(param)
-    by_mult.setdefault(1.0, []).extend(p for p in model.parameters() if id(p) not in placed)
-    return [{"params": params, "lr": optim.lr * mult} for mult, params in sorted(by_mult.items()) if params]
+            mult_of[id(param)] = None if stage in frozen else mults.get(stage, 1.0)
+    by_mult: dict[float, list] = {}
+    for param in model.parameters():  # the model's own order: without fine-tuning, one group as before
+        mult = mult_of.get(id(param), 1.0)
+        if mult is None:
+            param.requires_grad_(False)
+        else:
+            by_mult.setdefault(mult, []).append(param)
+    return [{"params": params, "lr": optim.lr * mult} for mult, params in sorted(by_mult.items())]

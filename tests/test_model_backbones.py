@@ -292,3 +292,13 @@ def test_fine_tuning_settings_are_checked():
     assert frozen_stages(spec, StageLayout(layout_names, 0, 1)) == {0, 2}
     spec.freeze = 2
     assert frozen_stages(spec, StageLayout(layout_names, 0, 1)) == {0, 1}
+
+
+def test_without_fine_tuning_the_optimizer_gets_one_group_in_the_model_order():
+    from ops.config import OptimConfig
+    from ops.finetune import param_groups
+
+    specs = [ModalitySpec("rgb", "video", {"in_channels": 3}), ModalitySpec("d", "depth", {"in_channels": 1})]
+    model = CoTrainModel(specs, 3)
+    (group,) = param_groups(model, specs, OptimConfig(lr=0.01, pretrained_lr_mult=0.1, layer_decay=0.5))
+    assert group["lr"] == 0.01 and [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]

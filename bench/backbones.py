@@ -1,0 +1,110 @@
+"""Step time and peak memory of co-training against the multimodal baseline for every torchvision video backbone,
+on the CPU; prints one JSON object.
+
+    .venv/bin/python bench/backbones.py [--steps 2] [--batch-size 1] [--backbones r3d_18,s3d] [--quick]
+
+Each (backbone, mode) runs in a fresh process (its peak resident memory is that process's, torch's runtime
+included): rgb clips of 16 x 112 x 112 through the backbone, split where a gesture model would share it (SPLITS),
+plus audio log-mel through the default 1-D CNN, so the multimodal baseline is a real two-modality teacher. One
+untimed warm-up step, then the median of `--steps` steps of forward + backward + AdamW (pure PyTorch, random weights:
+the cost does not depend on their values). `cotrain_vs_multimodal` is the step-time ratio per backbone (goal
+<= 1.3): the students' own stages after the split are what co-training adds. `--quick` runs mc3_18 at 8 x 32 x 32
+for one step (the test suite keeps it running).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SPLITS = {"r3d_18": "layer2", "r2plus1d_18": "layer2", "mc3_18": "layer2", "s3d": "features.6",
+          "mvit_v2_s": "blocks.2", "swin3d_t": "features.1", "frames_resnet18": "layer2",
+          "frames_efficientnet_b0": "features.4", "frames_mobilenet_v3_small": "features.6"}
+"""Where each backbone is shared: after about a third of its depth, as the gesture preset shares r3d_18."""
+GOAL = 1.3
+AUDIO_SHAPE = (40, 101)  # log-mel bands x frames of one second
+
+
+def _specs(backbone: str, clip: tuple[int, int, int]):
+    from model.cotrain import ModalitySpec
+
+    options = {"in_channels": 3, **({"input_size": list(clip)} if backbone == "mvit_v2_s" else {})}
+    return [ModalitySpec("rgb", "video", options, encoder_name=backbone, share_until=SPLITS[backbone]),
+            ModalitySpec("audio", "audio", {"in_channels": AUDIO_SHAPE[0]})]
+
+
+def measure(backbone: str, mode: str, clip: tuple[int, int, int], steps: int, batch_size: int) -> dict:
+    """One (backbone, mode): median step seconds and this process's peak resident memory."""
+    import torch
+
+    from model.cotrain import build_model
+    from model.losses import TransferConfig, cotrain_losses, total_loss
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model(_specs(backbone, clip), 6, mode=mode)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    inputs = {"rgb": torch.randn(batch_size, 3, *clip), "audio": torch.randn(batch_size, *AUDIO_SHAPE)}
+    present = {m: torch.ones(batch_size, dtype=torch.bool) for m in inputs}
+    labels = torch.randint(0, 6, (batch_size,))
+    times = []
+    for i in range(steps + 1):
+        started = time.perf_counter()
+        loss = total_loss(cotrain_losses(model(inputs, present), labels, present, TransferConfig()))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if i > 0:  # the first step warms up allocators and kernels
+            times.append(time.perf_counter() - started)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return {"step_s": sorted(times)[len(times) // 2], "peak_rss_mb": round(peak_mb, 1),
+            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
+
+
+def _child(queue, *args) -> None:
+    queue.put(measure(*args))
+
+
+def measure_in_child(*args) -> dict:
+    """measure() in a fresh process, so each peak memory is its own."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(queue, *args))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--backbones", default=",".join(SPLITS), help="comma-separated, from: " + ", ".join(SPLITS))
+    parser.add_argument("--quick", action="store_true", help="mc3_18 at 8 x 32 x 32, one step")
+    args = parser.parse_args(argv)
+    backbones = ["mc3_18"] if args.quick else [b.strip() for b in args.backbones.split(",") if b.strip()]
+    unknown = [b for b in backbones if b not in SPLITS]
+    if unknown:
+        parser.error(f"unknown backbones {unknown}; choose from {', '.join(SPLITS)}")
+    clip, steps, batch = ((8, 32, 32), 1, 2) if args.quick else ((16, 112, 112), args.steps, args.batch_size)
+    result = {"clip": list(clip), "batch_size": batch, "steps": steps, "threads": 1, "goal": GOAL, "backbones": {}}
+    for backbone in backbones:
+        cotrain, multimodal = (measure_in_child(backbone, mode, clip, steps, batch) for mode in ("cotrain", "multimodal"))
+        result["backbones"][backbone] = {
+            "share_until": SPLITS[backbone], "cotrain": cotrain, "multimodal": multimodal,
+            "cotrain_vs_multimodal": round(cotrain["step_s"] / multimodal["step_s"], 3),
+            "memory_cotrain_vs_multimodal": round(cotrain["peak_rss_mb"] / multimodal["peak_rss_mb"], 3)}
+        print(f"{backbone}: {result['backbones'][backbone]['cotrain_vs_multimodal']}", file=sys.stderr, flush=True)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
