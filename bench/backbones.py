@@ -9,7 +9,7 @@ plus audio log-mel through the default 1-D CNN, so the multimodal baseline is a 
 untimed warm-up step, then the median of `--steps` steps of forward + backward + AdamW (pure PyTorch, random weights:
 the cost does not depend on their values). `cotrain_vs_multimodal` is the step-time ratio per backbone (goal
 <= 1.3): the students' own stages after the split are what co-training adds. `--quick` runs mc3_18 at 8 x 32 x 32
-for one step (the test suite keeps it running).
+for one step in this process (the test suite keeps it running; its memory figures are not separate).
 """
 from __future__ import annotations
 
@@ -95,8 +95,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"unknown backbones {unknown}; choose from {', '.join(SPLITS)}")
     clip, steps, batch = ((8, 32, 32), 1, 2) if args.quick else ((16, 112, 112), args.steps, args.batch_size)
     result = {"clip": list(clip), "batch_size": batch, "steps": steps, "threads": 1, "goal": GOAL, "backbones": {}}
+    run = measure if args.quick else measure_in_child  # quick: in this process (its memory is then shared)
     for backbone in backbones:
-        cotrain, multimodal = (measure_in_child(backbone, mode, clip, steps, batch) for mode in ("cotrain", "multimodal"))
+        cotrain, multimodal = (run(backbone, mode, clip, steps, batch) for mode in ("cotrain", "multimodal"))
         result["backbones"][backbone] = {
             "share_until": SPLITS[backbone], "cotrain": cotrain, "multimodal": multimodal,
             "cotrain_vs_multimodal": round(cotrain["step_s"] / multimodal["step_s"], 3),

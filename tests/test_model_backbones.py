@@ -68,6 +68,19 @@ def test_every_backbone_trains_splits_by_name_reloads_and_exports(name, tmp_path
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
+def test_onnx_export_parity_with_torchvision_operators(tmp_path):
+    """ONNX for one backbone (s3d: separable 3D convs, inception branches, 3D max-pools); the others export the
+    same way (checked by hand: mc3_18, frames_resnet18, swin3d_t, mvit_v2_s within 1.4e-6), but take 10-90 s each."""
+    torch.manual_seed(0)
+    spec = ModalitySpec("rgb", "video", _options("s3d"), encoder_name="s3d", share_until="features.3")
+    model = CoTrainModel([spec], 4, mode="unimodal").eval()
+    x = torch.randn(2, 3, *CLIP)
+    with torch.no_grad():
+        expected = model({"rgb": x}, {"rgb": _present(x)})["rgb"]
+    path = export_model(unimodal_model(model, "rgb"), _meta(spec), "onnx", tmp_path / "m.onnx")
+    assert torch.allclose(ExportedModel(path)(x), expected, atol=5e-5)
+
+
 def _torchvision_state(name: str, seed: int = 1) -> dict:
     import torchvision.models as tv
 
@@ -302,3 +315,19 @@ def test_without_fine_tuning_the_optimizer_gets_one_group_in_the_model_order():
     model = CoTrainModel(specs, 3)
     (group,) = param_groups(model, specs, OptimConfig(lr=0.01, pretrained_lr_mult=0.1, layer_decay=0.5))
     assert group["lr"] == 0.01 and [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]
+
+
+def test_the_backbone_benchmark_runs_quick(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench/backbones.py"
+    spec = importlib.util.spec_from_file_location("bench_backbones", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--quick"])
+    assert json.loads(capsys.readouterr().out) == result
+    assert set(bench.SPLITS) == set(BACKBONES)  # every backbone is benchmarked
+    measured = result["backbones"]["mc3_18"]
+    assert measured["cotrain"]["params_m"] > measured["multimodal"]["params_m"]  # the students' own stages
+    assert measured["cotrain_vs_multimodal"] > 0 and measured["multimodal"]["peak_rss_mb"] > 0
