@@ -300,6 +300,8 @@ def parse_assignment(assignment: str, base: dict) -> dict:
         raise ValueError(f"--set {assignment!r}: write KEY=VALUE, for example --set optim.lr=1e-3")
     key, text = assignment.split("=", 1)
     parts, node = key.strip().split("."), base
+    if parts[0] in FREE_FORM and len(parts) > 1:
+        return {parts[0]: _nest(parts[1:], _free_value(text))}
     for i, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
             valid = ", ".join(sorted(node)) if isinstance(node, dict) else "(none: not a section)"
@@ -309,10 +311,28 @@ def parse_assignment(assignment: str, base: dict) -> dict:
         value = _coerce(text, node[parts[-1]]) if node[parts[-1]] is not None else text
     except ValueError as err:
         raise ValueError(f"--set {assignment!r}: {err}") from err
+    return _nest(parts, value)
+
+
+FREE_FORM = ("encoders",)
+"""Sections whose keys are the user's (modality kinds or names, then encoder options): --set takes new keys there,
+e.g. --set encoders.video.name=r3d_18."""
+
+
+def _nest(parts: list[str], value) -> dict:
     layer = value
     for part in reversed(parts):
         layer = {part: layer}
     return layer
+
+
+def _free_value(text: str):
+    """A value with no current value to follow: JSON when it parses (2, 0.1, false, ["stem", "layer1"]), else the
+    text itself (KINETICS400_V1, layer2, features.6)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def resolve_config(*, preset: dict | None = None, file: str | Path | None = None, cli: dict | None = None,

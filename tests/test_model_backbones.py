@@ -331,3 +331,14 @@ def test_the_backbone_benchmark_runs_quick(capsys):
     measured = result["backbones"]["mc3_18"]
     assert measured["cotrain"]["params_m"] > measured["multimodal"]["params_m"]  # the students' own stages
     assert measured["cotrain_vs_multimodal"] > 0 and measured["multimodal"]["peak_rss_mb"] > 0
+
+
+def test_one_command_line_setting_picks_a_backbone_and_its_weights():
+    from ops.config import resolve_config
+
+    cfg = resolve_config(cli={"shards": "s", "out": "o"}, assignments=[
+        "encoders.video.name=r3d_18", "encoders.video.weights=KINETICS400_V1", "encoders.rgb.share_until=layer2",
+        'encoders.video.freeze=["stem", "layer1"]', "encoders.video.lr_mult=0.1", "optim.layer_decay=0.8"])
+    assert cfg.encoders == {"video": {"name": "r3d_18", "weights": "KINETICS400_V1", "freeze": ["stem", "layer1"],
+                                      "lr_mult": 0.1}, "rgb": {"share_until": "layer2"}}
+    assert cfg.optim.layer_decay == 0.8
