@@ -81,6 +81,17 @@ def test_onnx_export_parity_with_torchvision_operators(tmp_path):
     assert torch.allclose(ExportedModel(path)(x), expected, atol=5e-5)
 
 
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_every_backbone_takes_one_channel_depth(name):
+    """Shapes only, on the meta device (the depth path differs from RGB only in its first convolution)."""
+    with torch.device("meta"):
+        encoder = ModalitySpec("d", "depth", _options(name, in_channels=1), encoder_name=name).build_encoder()
+        out = encoder(torch.empty(2, 1, *_clip(name)))
+    first = encoder.stages[0].stage  # depth clips are centred first (CentredInput)
+    convs = [m for m in first.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+    assert convs[0].in_channels == 1 and out.shape[:2] == (2, encoder.out_channels[-1])
+
+
 def _torchvision_state(name: str, seed: int = 1) -> dict:
     import torchvision.models as tv
 
