@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import queue as queue_module
 import resource
 import sys
 import time
@@ -43,12 +44,13 @@ def measure(backbone: str, mode: str, clip: tuple[int, int, int], steps: int, ba
     """One (backbone, mode): median step seconds and this process's peak resident memory."""
     import torch
 
-    from model.cotrain import build_model
+    from model.cotrain import FusionConfig, build_model
     from model.losses import TransferConfig, cotrain_losses, total_loss
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = build_model(_specs(backbone, clip), 6, mode=mode)
+    # the fusion's position table must cover the most tokens a backbone leaves (mc3_18: 16 x 7 x 7 at 112 x 112)
+    model = build_model(_specs(backbone, clip), 6, mode=mode, fusion=FusionConfig(max_tokens=1024))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     inputs = {"rgb": torch.randn(batch_size, 3, *clip), "audio": torch.randn(batch_size, *AUDIO_SHAPE)}
     present = {m: torch.ones(batch_size, dtype=torch.bool) for m in inputs}
@@ -68,7 +70,10 @@ def measure(backbone: str, mode: str, clip: tuple[int, int, int], steps: int, ba
 
 
 def _child(queue, *args) -> None:
-    queue.put(measure(*args))
+    try:
+        queue.put(measure(*args))
+    except Exception as err:  # noqa: BLE001 -- reported in the JSON, the other backbones still run
+        queue.put({"error": f"{type(err).__name__}: {err}"})
 
 
 def measure_in_child(*args) -> dict:
@@ -77,7 +82,14 @@ def measure_in_child(*args) -> dict:
     queue = context.Queue()
     process = context.Process(target=_child, args=(queue, *args))
     process.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():  # died without a word (killed, out of memory)
+                result = {"error": f"the measuring process exited with code {process.exitcode}"}
+                break
     process.join()
     return result
 
@@ -98,11 +110,12 @@ def main(argv: list[str] | None = None) -> dict:
     run = measure if args.quick else measure_in_child  # quick: in this process (its memory is then shared)
     for backbone in backbones:
         cotrain, multimodal = (run(backbone, mode, clip, steps, batch) for mode in ("cotrain", "multimodal"))
-        result["backbones"][backbone] = {
-            "share_until": SPLITS[backbone], "cotrain": cotrain, "multimodal": multimodal,
-            "cotrain_vs_multimodal": round(cotrain["step_s"] / multimodal["step_s"], 3),
-            "memory_cotrain_vs_multimodal": round(cotrain["peak_rss_mb"] / multimodal["peak_rss_mb"], 3)}
-        print(f"{backbone}: {result['backbones'][backbone]['cotrain_vs_multimodal']}", file=sys.stderr, flush=True)
+        entry = {"share_until": SPLITS[backbone], "cotrain": cotrain, "multimodal": multimodal}
+        if "error" not in cotrain and "error" not in multimodal:
+            entry["cotrain_vs_multimodal"] = round(cotrain["step_s"] / multimodal["step_s"], 3)
+            entry["memory_cotrain_vs_multimodal"] = round(cotrain["peak_rss_mb"] / multimodal["peak_rss_mb"], 3)
+        result["backbones"][backbone] = entry
+        print(f"{backbone}: {entry.get('cotrain_vs_multimodal', entry)}", file=sys.stderr, flush=True)
     print(json.dumps(result, indent=2))
     return result
 
