@@ -352,7 +352,7 @@ def build_encoder(kind: str, name: str | None = None, *, load_weights: bool = Tr
     builder = names[name]
     if getattr(builder, "takes_weights", False):
         cfg["load_weights"] = load_weights
-    elif cfg.get("weights") is not None:
+    elif cfg.pop("weights", None) is not None:  # weights: null (clearing a preset's) means none
         takes = [n for n, b in names.items() if getattr(b, "takes_weights", False)]
         raise ValueError(f"{kind} encoder {name!r} takes no pretrained weights; encoders that do: "
                          f"{', '.join(takes) or 'none'}")
