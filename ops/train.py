@@ -30,8 +30,8 @@ from .config import RunConfig, config_hash, deepspeed_config, hashed_config, sav
 from .device import all_reduce_flags, broadcast_object, check_torch_sees_gpu, compute_dtype, force_cpu, \
     loader_device_id
 from .engine import build_engine, init_distributed, rank_info
-from .finetune import param_groups
 from .evaluate import BEST_DIR, MODEL_FILE, print_warning, score_branches, task_of
+from .finetune import param_groups
 from .progress import progress_bar, progress_wanted
 from .run_folder import record_shards
 from .metrics import TrainingMetrics, read_grad_norm, write_scrape_target
