@@ -4,9 +4,10 @@
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.installed
-# The torch and DALI builds this machine's driver runs (ops/setup_torch.py --explain says why): the CPU build with
-# no NVIDIA GPU, else the CUDA build matching nvidia-smi's CUDA version. Override either, e.g.
-#   make setup TORCH_PIP="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" DALI_PIP=nvidia-dali-cuda120==2.4.0
+# The torch (with the torchvision built for it) and DALI builds this machine's driver runs (ops/setup_torch.py
+# --explain says why): the package index's build with no NVIDIA GPU, else the CUDA build matching nvidia-smi's CUDA
+# version. Override either, e.g.
+#   make setup TORCH_PIP="torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu126" DALI_PIP=nvidia-dali-cuda120==2.4.0
 TORCH_PIP ?=
 DALI_PIP  ?=
 DEMO_DIR  ?= demo-out
@@ -52,7 +53,7 @@ system-deps:
 	  fi; \
 	fi
 
-$(STAMP): setup.py | system-deps
+$(STAMP): setup.py ops/setup_torch.py | system-deps
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	python3 ops/setup_torch.py --explain

@@ -11,6 +11,10 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
+        # Standard video and per-frame image backbones with their published weights (model/backbones.py): r3d_18,
+        # r2plus1d_18, mc3_18, s3d, mvit_v2_s, swin3d_t, resnet18, ... `make setup` installs the release built
+        # against the chosen torch (ops/setup_torch.py); a mismatched pair fails at import.
+        "torchvision>=0.16",
         "numpy",
         "webdataset>=0.2.86",
         # NVIDIA DALI is installed by `make setup` in the build the driver runs (nvidia-dali-cuda120 or

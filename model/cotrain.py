@@ -28,7 +28,7 @@ from torch import nn
 from .encoders import StagedEncoder, Stages, TransformerStage, build_encoder, masked_mean, tokens_of
 from .tasks import TASKS, late_fusion
 
-__all__ = ["seeded", "ModalitySpec", "FusionConfig", "CoTrainModel", "StudentBranch", "MultimodalBranch", "MODES",
+__all__ = ["seeded", "ModalitySpec", "split_index", "StageLayout", "FusionConfig", "CoTrainModel", "StudentBranch", "MultimodalBranch", "MODES",
            "TASKS", "TEACHER", "TRANSFORMER", "LATE_FUSION", "build_model", "encoder_width", "combine_teacher"]
 
 MODES = ("cotrain", "unimodal", "multimodal")
@@ -57,9 +57,38 @@ class ModalitySpec:
     pool: str = "mean"
     """How the unimodal branch pools its tokens: 'mean' or 'attention' (a learned softmax over tokens,
     which attention-level transfer can then align with the teacher's)."""
+    share_until: str | None = None
+    """Share the encoder's stages up to and including the one of this name (its `stage_names`, e.g. layer2);
+    set, it decides shared_stages (resolved when the spec is made)."""
+    freeze: str | int | list | None = None
+    """Stages that do not train: a stage name or count (that stage and every one before it), or a list of
+    stage names. Applied to the optimizer's parameter groups (ops/train.py)."""
+    lr_mult: float | None = None
+    """Learning-rate multiplier of this encoder's pretrained stages; None = optim.pretrained_lr_mult."""
 
-    def build_encoder(self) -> StagedEncoder:
-        return build_encoder(self.kind, self.encoder_name, **self.encoder)
+    def __post_init__(self):
+        if self.share_until is not None:
+            self.shared_stages = split_index(self, self._stage_names())
+
+    def _stage_names(self) -> list[str] | None:
+        with torch.device("meta"):  # only the names: no memory, no weights read, no RNG drawn
+            return self.build_encoder(load_weights=False).stage_names
+
+    def build_encoder(self, load_weights: bool = True) -> StagedEncoder:
+        """The encoder; `load_weights=False` skips reading pretrained weights (a state dict is loaded next)."""
+        return build_encoder(self.kind, self.encoder_name, load_weights=load_weights, **self.encoder)
+
+
+def split_index(spec: ModalitySpec, stage_names: list[str] | None) -> int:
+    """How many stages `spec.share_until` shares: the named stage and every one before it."""
+    where = f"encoders.{spec.name}.share_until={spec.share_until!r}"
+    if not stage_names:
+        raise ValueError(f"{where}: the {spec.kind} encoder {spec.encoder_name or '(default)'} has no stage names; "
+                         "give shared_stages (a count) instead, or choose an encoder with named stages")
+    if spec.share_until not in stage_names:
+        raise ValueError(f"{where} is not a stage of the {spec.kind} encoder {spec.encoder_name or '(default)'}; "
+                         f"valid names: {', '.join(stage_names)}")
+    return stage_names.index(spec.share_until) + 1
 
 
 @dataclass
@@ -453,7 +482,7 @@ class CoTrainModel(nn.Module):
 
     def __init__(self, specs: list[ModalitySpec], num_classes: int, *, mode: str = "cotrain",
                  students: list[str] | None = None, fusion: FusionConfig | None = None, init_seed: int = 0,
-                 task: str = "class", feature_transfer: bool = False):
+                 task: str = "class", feature_transfer: bool = False, load_weights: bool = True):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
@@ -477,9 +506,11 @@ class CoTrainModel(nn.Module):
         teacher_rests, widths = {}, {}
         # Each part draws its initial weights from its own seed, so a branch starts from the same weights
         # in every mode: co-trained and baseline runs of one seed are paired, not just equally random.
+        self.stage_layout: dict[str, StageLayout] = {}
         for spec in specs:
             with seeded(init_seed, f"encoder/{spec.name}"):
-                encoder = spec.build_encoder()
+                encoder = spec.build_encoder(load_weights)
+            self.stage_layout[spec.name] = StageLayout.of(encoder, spec)
             shared, rest = _split(encoder, spec.shared_stages)
             width = encoder.out_channels[-1]
             self.shared[spec.name] = shared
@@ -488,7 +519,7 @@ class CoTrainModel(nn.Module):
                     self.students[spec.name] = StudentBranch(rest, width, num_classes, spec.pool)
             if mode != "unimodal":
                 with seeded(init_seed, f"teacher/{spec.name}"):
-                    teacher_encoder = spec.build_encoder()
+                    teacher_encoder = spec.build_encoder(load_weights)
                 teacher_rests[spec.name], widths[spec.name] = _teacher_rest(teacher_encoder, spec, fusion)
         self.teacher = None
         if mode != "unimodal":
@@ -501,6 +532,21 @@ class CoTrainModel(nn.Module):
                 if spec.name in self.students:
                     with seeded(init_seed, f"transfer/features/{spec.name}"):
                         self.feature_proj[spec.name] = nn.Linear(encoder_width(spec), fusion.dim)
+
+    def encoder_parameters(self, modality: str) -> list[tuple[int, str, nn.Parameter]]:
+        """(stage index, name, parameter) of every encoder stage of `modality` in this model: the shared stages,
+        the student's own and the teacher's own copies of the stages after the split."""
+        split = self.stage_layout[modality].split
+        parts = [(f"shared.{modality}", self.shared[modality], 0)]
+        if modality in self.students:
+            parts.append((f"students.{modality}.rest", self.students[modality].rest, split))
+        if self.teacher is not None and modality in self.teacher.rests:
+            parts.append((f"teacher.rests.{modality}", self.teacher.rests[modality], split))
+        found = []
+        for prefix, stages, offset in parts:
+            for i, stage in enumerate(stages):
+                found += [(offset + i, f"{prefix}.{i}.{n}", p) for n, p in stage.named_parameters()]
+        return found
 
     def teacher_candidates(self, logits: dict[str, torch.Tensor]) -> dict[float, torch.Tensor]:
         """The teacher's output under each of fusion.transformer_weights (empty without late fusion or with one
@@ -528,14 +574,6 @@ class CoTrainModel(nn.Module):
         if parts[0] == "teacher" and parts[1] in ("rests", "stream_heads"):
             return f"{TEACHER}/{parts[2]}"
         return TEACHER
-
-    def branch_parameters(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters per branch (branch_of), in registration order."""
-        groups: dict[str, list[nn.Parameter]] = {}
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                groups.setdefault(self.branch_of(name), []).append(param)
-        return groups
 
     @property
     def branches(self) -> list[str]:
@@ -585,6 +623,21 @@ class CoTrainModel(nn.Module):
         return logits, found
 
 
+@dataclass(frozen=True)
+class StageLayout:
+    """One modality's encoder as the optimizer sees it: stage names, how many stages hold pretrained weights,
+    where the split is."""
+
+    names: list[str]
+    pretrained: int
+    split: int
+
+    @classmethod
+    def of(cls, encoder: StagedEncoder, spec: ModalitySpec) -> "StageLayout":
+        names = encoder.stage_names or [str(i) for i in range(len(encoder.stages))]
+        return cls(list(names), encoder.pretrained_stages, spec.shared_stages)
+
+
 def _scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     """x itself in the forward pass; its gradient times `scale` in the backward pass."""
     return x if scale == 1 else x * scale + x.detach() * (1 - scale)
@@ -598,10 +651,11 @@ def encoder_width(spec: ModalitySpec) -> int:
 
 def build_model(specs: list[ModalitySpec], num_classes: int, *, mode: str, fusion: FusionConfig | None = None,
                 students: list[str] | None = None, init_seed: int = 0, task: str = "class",
-                feature_transfer: bool = False) -> CoTrainModel:
-    """The model for one training mode; unimodal mode takes the single spec given."""
+                feature_transfer: bool = False, load_weights: bool = True) -> CoTrainModel:
+    """The model for one training mode; unimodal mode takes the single spec given. `load_weights=False`
+    leaves pretrained encoders unread (a state dict is loaded next)."""
     return CoTrainModel(specs, num_classes, mode=mode, students=students, fusion=fusion, init_seed=init_seed,
-                        task=task, feature_transfer=feature_transfer)
+                        task=task, feature_transfer=feature_transfer, load_weights=load_weights)
 
 
 @contextmanager

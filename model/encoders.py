@@ -10,6 +10,8 @@ a token sequence (the multimodal Transformer).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Callable
 
 import torch
@@ -26,8 +28,9 @@ def _groups(channels: int) -> int:
 
 
 class StagedEncoder(nn.Module):
-    """An encoder as `stages`; `out_channels[i]` is the width after stage i. `stage_names[i]`, where given,
-    names stage i by the backbone's own module name (e.g. 'encoder.layer.3'), unique and in order."""
+    """An encoder as `stages`; `out_channels[i]` is the width after stage i. `stage_names[i]`, when given, names
+    stage i (a backbone's own module names: stem, layer1...), so a config can split or freeze by name
+    (encoders.<m>.share_until, .freeze). `pretrained_stages`: how many first stages hold pretrained weights."""
 
     def __init__(self, stages: list[nn.Module], out_channels: list[int], kind: str,
                  stage_names: list[str] | None = None):
@@ -37,7 +40,12 @@ class StagedEncoder(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.out_channels = list(out_channels)
         self.kind = kind
-        self.stage_names = None if stage_names is None else list(stage_names)
+        if stage_names is not None and len(stage_names) != len(stages):
+            raise AssertionError(f"{len(stage_names)} stage names for {len(stages)} stages")
+        if stage_names is not None and len(set(stage_names)) != len(stage_names):
+            raise AssertionError(f"stage names must be unique: {list(stage_names)}")
+        self.stage_names = list(stage_names) if stage_names is not None else None
+        self.pretrained_stages = 0
 
     def run(self, x: torch.Tensor, start: int = 0, end: int | None = None,
             valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,7 +165,8 @@ def build_resnet3d(*, in_channels: int = 3, stem_width: int = 16, widths: tuple[
                   for j in range(depth)]
         stages.append(nn.Sequential(*blocks))
         c_in = width
-    return StagedEncoder(stages, [stem_width, *widths], kind="video")
+    return StagedEncoder(stages, [stem_width, *widths], kind="video",
+                         stage_names=["stem", "layer1", "layer2", "layer3", "layer4"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,15 +347,28 @@ ENCODERS: dict[str, dict[str, Callable[..., StagedEncoder]]] = {
 }
 
 
-# backbones from libraries (their module imports transformers only when one of them is built)
+# backbones from transformers (their module imports transformers only when one of them is built); they read
+# their `weights` themselves, the architecture included, so they take them whether or not load_weights is set
 from .backbones_audio_text import AUDIO_ENCODERS, TEXT_ENCODERS  # noqa: E402  (they build on StagedEncoder)
 
-ENCODERS["audio"].update(AUDIO_ENCODERS)
-ENCODERS["text"].update(TEXT_ENCODERS)
+
+def _reads_own_weights(builder: Callable) -> Callable:
+    @functools.wraps(builder)  # the builder's own signature (model/presets.py passes the options it names)
+    def build(*, load_weights: bool = True, **cfg):
+        return builder(**cfg)
+    build.takes_weights = True
+    return build
 
 
-def build_encoder(kind: str, name: str | None = None, **cfg) -> StagedEncoder:
-    """Build a registered encoder; `name` defaults to the kind's first registered one."""
+for _kind, _builders in (("audio", AUDIO_ENCODERS), ("text", TEXT_ENCODERS)):
+    ENCODERS[_kind].update({name: _reads_own_weights(b) if "weights" in inspect.signature(b).parameters else b
+                            for name, b in _builders.items()})
+
+
+def build_encoder(kind: str, name: str | None = None, *, load_weights: bool = True, **cfg) -> StagedEncoder:
+    """Build a registered encoder; `name` defaults to the kind's first registered one. Encoders that take
+    pretrained weights (option `weights`) read them unless `load_weights` is False (a model whose state dict is
+    loaded next: export, evaluation)."""
     if kind not in ENCODERS:
         raise ValueError(f"unknown modality kind {kind!r}; valid kinds: {', '.join(sorted(ENCODERS))}")
     names = ENCODERS[kind]
@@ -354,11 +376,18 @@ def build_encoder(kind: str, name: str | None = None, **cfg) -> StagedEncoder:
     centre = bool(cfg.pop("centre", kind == "depth"))
     if name not in names:
         raise ValueError(f"unknown {kind} encoder {name!r}; valid names: {', '.join(sorted(names))}")
+    builder = names[name]
+    if getattr(builder, "takes_weights", False):
+        cfg["load_weights"] = load_weights
+    elif cfg.pop("weights", None) is not None:  # weights: null (clearing a preset's) means none
+        takes = [n for n, b in names.items() if getattr(b, "takes_weights", False)]
+        raise ValueError(f"{kind} encoder {name!r} takes no pretrained weights; encoders that do: "
+                         f"{', '.join(takes) or 'none'}")
     try:
-        encoder = names[name](**cfg)
+        encoder = builder(**cfg)
     except TypeError as err:  # a misspelt or missing option: name the encoder and what it takes
-        raise ValueError(f"{kind} encoder {name!r}: {err}; see {names[name].__name__}'s signature in "
-                         f"model/encoders.py") from err
+        raise ValueError(f"{kind} encoder {name!r}: {err}; see {builder.__name__}'s signature in "
+                         f"model/encoders.py or model/backbones.py") from err
     encoder.kind = kind
     if centre:  # option `centre` (video and depth encoders): on by default for depth, see CentredInput
         if kind not in ("video", "depth"):
@@ -393,3 +422,6 @@ def masked_mean(tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tenso
         return tokens.mean(dim=1)
     weights = valid.to(tokens.dtype).unsqueeze(-1)
     return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+from . import backbones  # noqa: E402,F401 -- registers the torchvision backbones for video and depth

@@ -30,7 +30,7 @@ def model_from_payload(payload: dict) -> CoTrainModel:
     specs = [ModalitySpec(**s) for s in payload["specs"]]
     return CoTrainModel(specs, payload["num_classes"], mode=payload["mode"], fusion=FusionConfig(**payload["fusion"]),
                         students=config.get("students") or None, task=config.get("task", {}).get("type", "class"),
-                        feature_transfer=config.get("transfer", {}).get("feature", 0) > 0)
+                        feature_transfer=config.get("transfer", {}).get("feature", 0) > 0, load_weights=False)
 
 
 class UnimodalModel(nn.Module):
@@ -62,7 +62,7 @@ def _build_unimodal(meta: dict) -> UnimodalModel:
     """An untrained UnimodalModel of the architecture `meta` describes (to load a state dict into)."""
     spec = ModalitySpec(**meta["spec"])
     with seeded(0, "export"):  # the weights are loaded next; seeding only keeps the global RNG untouched
-        encoder = spec.build_encoder()
+        encoder = spec.build_encoder(load_weights=False)
         shared, rest = _split(encoder, spec.shared_stages)
         branch = StudentBranch(rest, encoder.out_channels[-1], meta["num_classes"], spec.pool)
     return UnimodalModel(shared, branch, spec.kind).eval()
@@ -124,7 +124,9 @@ def export_model(model: UnimodalModel, meta: dict, fmt: str, path: str | Path) -
     if fmt == "torchscript":
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript still loads in C++ and older runtimes
+            # TorchScript still loads in C++ and older runtimes (torch 2.14 deprecates it with FutureWarnings)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
             traced = torch.jit.trace(model, example, check_trace=False)
             torch.jit.save(traced, str(path), _extra_files={META_KEY: json.dumps(meta)})
         return path
@@ -173,6 +175,7 @@ class ExportedModel:
             extra = {META_KEY: ""}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", FutureWarning)
                 self.module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
             self.meta = json.loads(extra[META_KEY])
         elif self.format == "state_dict":

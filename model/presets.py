@@ -6,25 +6,31 @@ applies the preset, then the config file, then the command-line options. Their s
 architectures at a scale a single GPU trains in minutes; they were not tuned on the paper's corpora.
 
 `encoders` maps a modality kind (or, taking precedence, a modality name) to
-`{"name": registered encoder, "shared_stages": N, "pool": "mean"|"attention", **encoder options}`.
+`{"name": registered encoder, "shared_stages": N or "share_until": stage name, "pool": "mean"|"attention",
+"freeze", "lr_mult", "check_frame_size", **encoder options}` (docs/model.md).
 """
 from __future__ import annotations
 
 import copy
 import inspect
 
+from .backbones import BACKBONES, expected_frame_size, takes_input_size
 from .cotrain import ModalitySpec
 from .encoders import ENCODERS
 
 __all__ = ["PRESETS", "LIBRARY_PRESETS", "preset", "merge", "modality_specs"]
 
 PRESETS: dict[str, dict] = {
-    # NVGesture-style: RGB and depth clips, both through ResNet-3D; the stem and first stage are shared.
+    # NVGesture / EgoGesture-style: RGB and depth clips, both through torchvision's R3D-18 pretrained on
+    # Kinetics-400 (the authors fine-tune a Kinetics-pretrained 3D ResNeXt); depth's first convolution averages the
+    # RGB filters. Stem to layer2 are shared. The weights want 112x112 clips (shards built with --size 112x112);
+    # the file must be in torch's hub cache (the error says where), or set encoders.<kind>.weights to a local file.
     "gesture": {
         "encoders": {
-            "video": {"name": "resnet3d", "shared_stages": 2, "stem_width": 32, "widths": [32, 64, 128, 256]},
-            "depth": {"name": "resnet3d", "shared_stages": 2, "stem_width": 32, "widths": [32, 64, 128, 256]},
+            "video": {"name": "r3d_18", "weights": "KINETICS400_V1", "share_until": "layer2"},
+            "depth": {"name": "r3d_18", "weights": "KINETICS400_V1", "share_until": "layer2"},
         },
+        "optim": {"lr": 1e-3, "pretrained_lr_mult": 0.1},
         "fusion": {"dim": 128, "layers": 2, "heads": 4},
         "transfer": {"alpha": 1.0, "temperature": 2.0},
     },
@@ -111,13 +117,15 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-SPEC_KEYS = ("name", "shared_stages", "pool")
+SPEC_KEYS = ("name", "shared_stages", "pool", "share_until", "freeze", "lr_mult", "check_frame_size")
+"""Keys of an encoders entry that are about the branch, not options of the encoder's builder."""
 
 
 def modality_specs(modalities: dict[str, dict], shapes: dict[str, dict], *, shared_stages: int,
-                   encoders: dict[str, dict] | None = None) -> list[ModalitySpec]:
+                   encoders: dict[str, dict] | None = None, video_frames: int = 0) -> list[ModalitySpec]:
     """One ModalitySpec per dataset modality. Encoder choices come from `encoders` by kind then by name;
-    the input shape (in_channels, vocab_size) always comes from the data."""
+    the input shape (in_channels, vocab_size) always comes from the data. `video_frames` is the loader's
+    (0 = every stored frame): backbones built for one input size (mvit_v2_s) get the clips' size from it."""
     encoders = encoders or {}
     specs = []
     for name, modality in modalities.items():
@@ -129,8 +137,11 @@ def modality_specs(modalities: dict[str, dict], shapes: dict[str, dict], *, shar
         # encoders have no use for the loader's max_frames, bert none for in_channels)
         options.update(_known(_input_shape(modality, shapes.get(name, {})), taken))
         options.update(_known(_data_arguments(modality), taken))
+        if kind in ("video", "depth") and choice.get("name") in BACKBONES:
+            _fit_backbone(name, modality, choice, options, video_frames)
         specs.append(ModalitySpec(name, kind, options, int(choice.get("shared_stages", shared_stages)),
-                                  choice.get("name"), choice.get("pool", "mean")))
+                                  choice.get("name"), choice.get("pool", "mean"), choice.get("share_until"),
+                                  choice.get("freeze"), choice.get("lr_mult")))
     return specs
 
 
@@ -144,7 +155,12 @@ def _builder_parameters(kind: str, name: str | None) -> set[str] | None:
     then names the valid ones)."""
     names = ENCODERS.get(kind, {})
     builder = names.get(name or next(iter(names), ""))
-    return None if builder is None else set(inspect.signature(builder).parameters)
+    if builder is None:
+        return None
+    parameters = inspect.signature(builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return None  # a builder that takes any option gets them all
+    return set(parameters)
 
 
 def _known(arguments: dict, taken: set[str] | None) -> dict:
@@ -154,6 +170,22 @@ def _known(arguments: dict, taken: set[str] | None) -> dict:
 def _data_arguments(modality: dict) -> dict:
     """The modality's DATA_ARGUMENTS from its dataset.json entry."""
     return {key: convert(modality[key]) for key, convert in DATA_ARGUMENTS.items() if key in modality}
+
+
+def _fit_backbone(name: str, modality: dict, choice: dict, options: dict, video_frames: int) -> None:
+    """A torchvision backbone against the clips the shards hold: the frame size its weights were trained at must
+    be the stored one (unless check_frame_size is false), and a backbone built for one input size gets it."""
+    height, width = int(modality["height"]), int(modality["width"])
+    frames = int(modality["frames"]) if video_frames == 0 else min(video_frames, int(modality["frames"]))
+    expected = expected_frame_size(choice["name"], options.get("weights"))
+    if expected is not None and expected != (height, width) and choice.get("check_frame_size", True):
+        raise ValueError(
+            f"encoders.{name}: {choice['name']} weights {options['weights']} were trained on {expected[0]}x"
+            f"{expected[1]} frames, but the shards store {name} at {height}x{width}: rebuild the shards at that "
+            f"size (cotrain shards build MANIFEST --out DIR --size {expected[0]}x{expected[1]}), or set "
+            f"encoders.{name}.check_frame_size: false to fine-tune at {height}x{width}")
+    if takes_input_size(choice["name"]) and "input_size" not in options:
+        options["input_size"] = [frames, height, width]
 
 
 def _input_shape(modality: dict, shape: dict) -> dict:

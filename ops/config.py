@@ -49,6 +49,12 @@ class OptimConfig:
     rescaled so it is the mean over the micro-batches it has (DeepSpeed would carry it into the next epoch)."""
     offload_optimizer: bool = False
     """Keep the optimizer state in host memory (ZeRO-Offload; needs zero_stage >= 1)."""
+    pretrained_lr_mult: float = 1.0
+    """Learning-rate multiplier of encoder stages that hold pretrained weights (encoders.<m>.weights);
+    encoders.<m>.lr_mult overrides it per encoder. New parameters train at lr."""
+    layer_decay: float = 1.0
+    """Layer-wise decay: pretrained stage i of P trains at pretrained_lr_mult * layer_decay ** (P - i), so stages
+    near the input move least. 1 = off."""
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -59,6 +65,11 @@ class OptimConfig:
             raise ValueError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
         if self.clip_scope not in CLIP_SCOPES:
             raise ValueError(f"optim.clip_scope must be one of {', '.join(CLIP_SCOPES)}, got {self.clip_scope!r}")
+        if self.pretrained_lr_mult <= 0:
+            raise ValueError(f"optim.pretrained_lr_mult must be > 0 (freeze stages to stop them), "
+                             f"got {self.pretrained_lr_mult}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"optim.layer_decay must be in (0, 1] (1 = off), got {self.layer_decay}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("optim.offload_optimizer needs ZeRO stage 1, 2 or 3: add --zero-stage 2")
 
@@ -302,6 +313,8 @@ def parse_assignment(assignment: str, base: dict) -> dict:
         raise ValueError(f"--set {assignment!r}: write KEY=VALUE, for example --set optim.lr=1e-3")
     key, text = assignment.split("=", 1)
     parts, node = key.strip().split("."), base
+    if parts[0] in FREE_FORM and len(parts) > 1:
+        return {parts[0]: _nest(parts[1:], _free_value(text))}
     for i, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
             valid = ", ".join(sorted(node)) if isinstance(node, dict) else "(none: not a section)"
@@ -311,10 +324,28 @@ def parse_assignment(assignment: str, base: dict) -> dict:
         value = _coerce(text, node[parts[-1]]) if node[parts[-1]] is not None else text
     except ValueError as err:
         raise ValueError(f"--set {assignment!r}: {err}") from err
+    return _nest(parts, value)
+
+
+FREE_FORM = ("encoders",)
+"""Sections whose keys are the user's (modality kinds or names, then encoder options): --set takes new keys there,
+e.g. --set encoders.video.name=r3d_18."""
+
+
+def _nest(parts: list[str], value) -> dict:
     layer = value
     for part in reversed(parts):
         layer = {part: layer}
     return layer
+
+
+def _free_value(text: str):
+    """A value with no current value to follow: JSON when it parses (2, 0.1, false, ["stem", "layer1"]), else the
+    text itself (KINETICS400_V1, layer2, features.6)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def resolve_config(*, preset: dict | None = None, file: str | Path | None = None, cli: dict | None = None,

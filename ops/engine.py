@@ -93,18 +93,19 @@ def rank_info() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict):
-    """deepspeed.initialize with the optimizer and scheduler the config names."""
+def build_engine(model: torch.nn.Module, ds_config: dict, param_groups: list[dict] | None = None):
+    """deepspeed.initialize with the optimizer and scheduler the config names; `param_groups` (each with its own
+    "lr", ops/finetune.py) keep their rates relative to each other through the schedule."""
     import deepspeed
 
     ds_config = dict(ds_config)
     branch_clip = ds_config.pop("branch_clipping", 0.0)
     if branch_clip > 0:
-        optimizer = _branch_clipped_optimizer(model, ds_config, branch_clip)
+        optimizer = _branch_clipped_optimizer(model, ds_config, branch_clip, param_groups)
         engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     else:
-        engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                       config=ds_config)
+        parameters = param_groups if param_groups is not None else model.parameters()
+        engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=parameters, config=ds_config)
     if rank_info()[2] == 1 and ds_config["zero_optimization"]["stage"] == 0 and not ds_config["bf16"]["enabled"]:
         # one process, no ZeRO optimizer: the gradient "all-reduce" over one rank only flattens and copies every
         # gradient back (5 ms of a 77 ms CPU step, bench/loop_overhead.py); the result is the same without it
@@ -112,9 +113,11 @@ def build_engine(model: torch.nn.Module, ds_config: dict):
     return engine, scheduler
 
 
-def _branch_clipped_optimizer(model: torch.nn.Module, ds_config: dict, max_norm: float):
-    """The config's AdamW as a BranchClippedAdamW with one group per branch, handed to DeepSpeed as the client
-    optimizer (the config's "optimizer" section is taken out: DeepSpeed would otherwise build its own)."""
+def _branch_clipped_optimizer(model: torch.nn.Module, ds_config: dict, max_norm: float,
+                              param_groups: list[dict] | None):
+    """The config's AdamW as a BranchClippedAdamW with each group (the fine-tuning groups, else the whole model) split
+    by branch, handed to DeepSpeed as the client optimizer (the config's "optimizer" section is taken out: DeepSpeed
+    would otherwise build its own)."""
     from .optimizer import BranchClippedAdamW, branch_groups
 
     params = dict(ds_config.pop("optimizer")["params"])
@@ -124,4 +127,5 @@ def _branch_clipped_optimizer(model: torch.nn.Module, ds_config: dict, max_norm:
     partitioned = ds_config["zero_optimization"]["stage"] > 0 or ds_config["bf16"]["enabled"]
     # a subclass of torch's AdamW is not on ZeRO's list of tested optimizers, though it steps the same way
     ds_config["zero_allow_untested_optimizer"] = True
-    return BranchClippedAdamW(branch_groups(model), max_norm=max_norm, partitioned=partitioned, **params)
+    return BranchClippedAdamW(branch_groups(model, param_groups), max_norm=max_norm, partitioned=partitioned,
+                              **params)

@@ -15,12 +15,19 @@ import torch.distributed as dist
 __all__ = ["BranchClippedAdamW", "branch_groups"]
 
 
-def branch_groups(model: torch.nn.Module) -> list[dict]:
-    """One AdamW parameter group per branch (model.branch_parameters), named by 'branch'; a model without
-    branches is one group."""
-    per_branch = model.branch_parameters() if hasattr(model, "branch_parameters") else {
-        "model": [p for p in model.parameters() if p.requires_grad]}
-    return [{"params": params, "branch": name} for name, params in per_branch.items()]
+def branch_groups(model: torch.nn.Module, groups: list[dict] | None = None) -> list[dict]:
+    """`groups` (AdamW parameter groups, e.g. one per learning rate; default: every trainable parameter in one)
+    split by branch (model.branch_of), each part named by 'branch'; a model without branches is one branch."""
+    groups = groups if groups is not None else [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    names = {id(p): name for name, p in model.named_parameters()}
+    branch_of = getattr(model, "branch_of", lambda name: "model")
+    split = []
+    for group in groups:
+        parts: dict[str, list] = {}
+        for param in group["params"]:
+            parts.setdefault(branch_of(names[id(param)]), []).append(param)
+        split += [{**group, "params": params, "branch": branch} for branch, params in parts.items()]
+    return split
 
 
 class BranchClippedAdamW(torch.optim.AdamW):

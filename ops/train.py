@@ -31,6 +31,7 @@ from .device import all_reduce_flags, broadcast_object, check_torch_sees_gpu, co
     loader_device_id
 from .engine import build_engine, init_distributed, rank_info
 from .evaluate import BEST_DIR, MODEL_FILE, print_warning, score_branches, task_of
+from .finetune import param_groups
 from .progress import progress_bar, progress_wanted
 from .run_folder import record_shards
 from .metrics import TrainingMetrics, read_grad_norm, write_scrape_target
@@ -45,7 +46,8 @@ READ_EVERY_STEPS = 10
 
 def _specs(cfg: RunConfig, modalities: dict[str, dict]) -> list[ModalitySpec]:
     shapes = model_inputs(modalities, cfg.loader)
-    return modality_specs(modalities, shapes, shared_stages=cfg.shared_stages, encoders=cfg.encoders)
+    return modality_specs(modalities, shapes, shared_stages=cfg.shared_stages, encoders=cfg.encoders,
+                          video_frames=cfg.loader.video_frames)
 
 
 def _version() -> str:
@@ -119,7 +121,7 @@ class Trainer:
         self.total_steps = cfg.epochs * steps  # micro-steps: the transfer schedule's clock
         optimizer_steps = cfg.epochs * math.ceil(steps / cfg.optim.grad_accum)
         ds_config = deepspeed_config(cfg, total_steps=optimizer_steps, bf16=self.gpu)
-        self.engine, self.scheduler = build_engine(model, ds_config)
+        self.engine, self.scheduler = build_engine(model, ds_config, param_groups(model, self.specs, cfg.optim))
         self.dtype = compute_dtype(ds_config)  # inputs and rank 0's evaluation copy follow the engine's weights
         self.readback = StepReadback(READ_EVERY_STEPS)
         self.metrics = TrainingMetrics(rank=self.rank, local_rank=self.local_rank, gpu=self.gpu)
@@ -133,12 +135,13 @@ class Trainer:
         if resume:
             self._restore(allow_reshard)
 
-    def _build_model(self):
-        """The model this run trains (also rank 0's plain copy for validation under ZeRO-3)."""
+    def _build_model(self, load_weights: bool = True):
+        """The model this run trains (also rank 0's plain copy for validation under ZeRO-3, which needs no
+        pretrained weights: the trained ones are copied in)."""
         cfg = self.cfg
         return build_model(self.specs, self.info.num_classes, mode=cfg.mode, fusion=cfg.fusion, init_seed=cfg.seed,
                            students=cfg.students or None, task=cfg.task.type,
-                           feature_transfer=cfg.transfer.feature > 0)
+                           feature_transfer=cfg.transfer.feature > 0, load_weights=load_weights)
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def _restore(self, allow_reshard: bool) -> None:
@@ -326,7 +329,7 @@ class Trainer:
                              device_id=self.device_id)
         copy = None
         if self.cfg.optim.zero_stage == 3:  # in the engine's dtype, which _cast gives the inputs
-            copy = self._build_model().to(device=self.engine.device, dtype=self.dtype)
+            copy = self._build_model(load_weights=False).to(device=self.engine.device, dtype=self.dtype)
         return loader, copy
 
     def _validation_model(self):

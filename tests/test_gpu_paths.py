@@ -198,11 +198,11 @@ def _setup_torch(path: Path, *args: str, **env: str) -> subprocess.CompletedProc
 
 
 @pytest.mark.parametrize("driver,cuda,torch_args,dali", [
-    (None, None, "torch==2.13.0", "nvidia-dali-cuda120==2.4.0"),
-    ("580.65.06", "13.0", "torch==2.13.0", "nvidia-dali-cuda130==2.4.0"),
-    ("570.124.06", "12.8", "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128",
+    (None, None, "torch==2.14.1 torchvision==0.29.1", "nvidia-dali-cuda120==2.4.0"),
+    ("580.65.06", "13.0", "torch==2.14.1 torchvision==0.29.1", "nvidia-dali-cuda130==2.4.0"),
+    ("570.124.06", "12.8", "torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu128",
      "nvidia-dali-cuda120==2.4.0"),
-    ("535.183.01", "12.2", "torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126",
+    ("535.183.01", "12.2", "torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cu126",
      "nvidia-dali-cuda120==2.4.0"),
 ])
 def test_set_up_installs_the_torch_and_dali_the_driver_runs(tmp_path, driver, cuda, torch_args, dali):
@@ -217,7 +217,7 @@ def test_set_up_refuses_a_driver_too_old_and_can_be_overridden(tmp_path):
     refused = _setup_torch(path, "--pip", "torch")
     assert refused.returncode == 2 and "driver 470.256.02 runs CUDA 11.4" in refused.stderr
     assert "COTRAIN_CUDA=cpu" in refused.stderr
-    assert _setup_torch(path, "--pip", "torch", COTRAIN_CUDA="cpu").stdout.strip() == "torch==2.13.0"
+    assert _setup_torch(path, "--pip", "torch", COTRAIN_CUDA="cpu").stdout.strip() == "torch==2.14.1 torchvision==0.29.1"
     assert _setup_torch(path, "--pip", "dali", COTRAIN_CUDA="13.0").stdout.strip() == "nvidia-dali-cuda130==2.4.0"
 
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from model.backbones import BACKBONES
 from model.encoders import ENCODERS, TransformerStage, build_encoder
 
 # Tiny configurations, one per registered encoder (the test below fails if an encoder is added without one).
@@ -39,7 +40,9 @@ def _input(kind: str, cfg: dict):
 def test_every_registered_encoder_has_a_tiny_config():
     from test_model_backbones_audio_text import TINY as AUDIO_TEXT_TINY  # library backbones, tested there
 
-    assert {(k, n) for k, names in ENCODERS.items() for n in names} == set(TINY) | set(AUDIO_TEXT_TINY)
+    # the torchvision backbones have theirs in tests/test_model_backbones.py
+    torchvision = {(k, n) for k in ("video", "depth") for n in BACKBONES}
+    assert {(k, n) for k, names in ENCODERS.items() for n in names} == set(TINY) | set(AUDIO_TEXT_TINY) | torchvision
 
 
 @pytest.mark.parametrize("kind,name", sorted(TINY))
@@ -85,7 +88,7 @@ def test_transformer_stage_records_head_averaged_attention():
 
 
 def test_unknown_names_and_bad_options_are_explained():
-    with pytest.raises(ValueError, match="valid names: cnn3d, frames2d, resnet3d"):
+    with pytest.raises(ValueError, match="valid names: cnn3d, frames2d, .*r3d_18, resnet3d, s3d"):
         build_encoder("video", "resnet999")
     with pytest.raises(ValueError, match="valid kinds: audio, depth, features, text, video"):
         build_encoder("smell")

@@ -144,20 +144,28 @@ def test_predict_reports_each_bad_input_and_still_predicts_the_others(trained_ru
     assert "this model reads audio" in lines.output and f"{bad[0]}: error: " in lines.output
 
 
+def _random_weights(encoders: dict) -> dict:
+    """A preset's encoders with random weights of the same architecture (nothing is downloaded here)."""
+    return {kind: {k: v for k, v in choice.items() if k != "weights"} for kind, choice in encoders.items()}
+
+
 def test_presets_are_complete_and_specs_follow_kind_then_name():
     with pytest.raises(ValueError, match="valid presets: emotion, gesture, sentiment"):
         preset("speech")
     assert set(PRESETS) == {"gesture", "emotion", "sentiment"}
-    modalities = {"rgb": {"kind": "video"}, "depth": {"kind": "depth"}, "face": {"kind": "features", "dim": 12}}
-    encoders = merge(preset("gesture")["encoders"], {"depth": {"shared_stages": 1}, "features": {"name": "tcn"}})
+    clip = {"frames": 4, "height": 112, "width": 112}
+    modalities = {"rgb": {"kind": "video", **clip}, "depth": {"kind": "depth", **clip},
+                  "face": {"kind": "features", "dim": 12}}
+    encoders = merge(_random_weights(preset("gesture")["encoders"]),
+                     {"depth": {"share_until": None, "shared_stages": 1}, "features": {"name": "tcn"}})
     specs = {s.name: s for s in modality_specs(modalities, {"rgb": {"in_channels": 3}, "depth": {"in_channels": 1}},
                                                shared_stages=1, encoders=encoders)}
-    assert specs["rgb"].encoder_name == "resnet3d" and specs["rgb"].shared_stages == 2
+    assert specs["rgb"].encoder_name == "r3d_18" and specs["rgb"].shared_stages == 3  # share_until: layer2
     assert specs["depth"].shared_stages == 1 and specs["depth"].encoder["in_channels"] == 1
     assert specs["face"].encoder == {"in_channels": 12} and specs["face"].encoder_name == "tcn"
-    for name in PRESETS:  # every preset builds a model for the kinds it names
-        enc = preset(name)["encoders"]
-        mods = {k: {"kind": k, "dim": 8} for k in enc}
+    for name in PRESETS:  # every preset builds a model for the kinds it names (pretrained ones: random weights)
+        enc = _random_weights(preset(name)["encoders"])
+        mods = {k: {"kind": k, "dim": 8, **clip} for k in enc}
         shapes = {"video": {"in_channels": 3}, "depth": {"in_channels": 1}, "audio": {"in_channels": 10},
                   "text": {"vocab_size": 30}}
         model = CoTrainModel(modality_specs(mods, shapes, shared_stages=1, encoders=enc), 3)
