@@ -64,43 +64,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-LIBRARY_PRESETS: dict[str, dict] = {
-    # The emotion and sentiment settings with backbones from transformers and their pretrained weights named
-    # (model/backbones_audio_text.py). Weights are read from a local directory or the local Hugging Face cache,
-    # never downloaded: fetch them once (`hf download NAME --local-dir DIR`) and point encoders.<kind>.weights at
-    # DIR where the cache is not used. Their test builds them at tiny sizes with random weights.
-    #
-    # RAVDESS-style face video + voice: the video branch is the emotion preset's per-frame 2D CNN then temporal
-    # convolutions (frames2d); the voice is wav2vec 2.0 base on the 16 kHz waveform (shards built with
-    # --sample-rate 16000), its conv feature extractor, projection and first two Transformer layers shared.
-    "emotion-wav2vec2": {
-        "encoders": {
-            "video": {"name": "frames2d", "shared_stages": 4, "frame_widths": [32, 64, 128],
-                      "temporal_widths": [64, 64, 128, 128]},
-            "audio": {"name": "wav2vec2", "shared_stages": 4, "config": "facebook/wav2vec2-base",
-                      "weights": "facebook/wav2vec2-base"},
-        },
-        "loader": {"audio_features": "waveform"},
-        "fusion": {"dim": 128, "layers": 2, "heads": 4, "cross_layers": 1},
-        "task": {"label_smoothing": 0.1},
-        "transfer": {"alpha": 1.0, "temperature": 2.0},
-    },
-    # CMU-MOSEI-style feature sequences + transcript: the features through the sentiment preset's Transformer,
-    # the transcript through BERT base (uncased) on its own WordPiece ids (shards built with
-    # --tokenizer DIR/bert-base-uncased), embeddings and first three layers shared; both sides expose
-    # attention, so attention-level transfer applies.
-    "sentiment-bert": {
-        "encoders": {
-            "features": {"name": "transformer", "shared_stages": 1, "dim": 64, "layers": 3, "heads": 4},
-            "text": {"name": "bert", "shared_stages": 4, "config": "bert-base-uncased", "weights": "bert-base-uncased"},
-        },
-        "fusion": {"dim": 64, "layers": 2, "heads": 4, "late_fusion_weights": "learned"},
-        "task": {"regression_loss": "l1", "ccc_weight": 0.5},
-        "transfer": {"alpha": 1.0, "temperature": 2.0, "feature": 0.5, "attention": 0.5},
-    },
-}
-
-
 def preset(name: str) -> dict:
     """A copy of the named preset."""
     if name not in PRESETS:
@@ -115,6 +78,33 @@ def merge(base: dict, override: dict) -> dict:
         out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else \
             copy.deepcopy(value)
     return out
+
+
+def _with_encoders(base: str, encoders: dict, **sections) -> dict:
+    """Preset `base` with some encoders replaced whole (not merged: a backbone takes none of the old one's
+    options) and other sections merged in."""
+    out = merge(PRESETS[base], sections)
+    out["encoders"].update(copy.deepcopy(encoders))
+    return out
+
+
+LIBRARY_PRESETS: dict[str, dict] = {
+    # The emotion and sentiment settings with backbones from transformers and their pretrained weights named
+    # (model/backbones_audio_text.py). Weights are read from a local directory or the local Hugging Face cache,
+    # never downloaded: fetch them once (`hf download NAME --local-dir DIR`) and point encoders.<kind>.weights at
+    # DIR where the cache is not used. Their test builds them at tiny sizes with random weights.
+    #
+    # RAVDESS-style face video + voice: the emotion preset with wav2vec 2.0 base on the 16 kHz waveform (shards
+    # built with --sample-rate 16000), its conv feature extractor, projection and first two Transformer layers shared.
+    "emotion-wav2vec2": _with_encoders("emotion", {
+        "audio": {"name": "wav2vec2", "shared_stages": 4, "config": "facebook/wav2vec2-base",
+                  "weights": "facebook/wav2vec2-base"}}, loader={"audio_features": "waveform"}),
+    # CMU-MOSEI-style feature sequences + transcript: the sentiment preset with the transcript through BERT base
+    # (uncased) on its own WordPiece ids (shards built with --tokenizer DIR/bert-base-uncased), embeddings and first
+    # three layers shared; both sides expose attention, so attention-level transfer applies.
+    "sentiment-bert": _with_encoders("sentiment", {
+        "text": {"name": "bert", "shared_stages": 4, "config": "bert-base-uncased", "weights": "bert-base-uncased"}}),
+}
 
 
 SPEC_KEYS = ("name", "shared_stages", "pool", "share_until", "freeze", "lr_mult", "check_frame_size")
