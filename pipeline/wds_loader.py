@@ -1,5 +1,6 @@
-"""The DALI-free loader: samples read with webdataset's URL openers (or by offset), decoded by ffmpeg,
-the standard library and torch in DataLoader worker processes, one whole batch per worker task.
+"""The DALI-free loader: samples read with webdataset's URL openers (or by offset), decoded in-process by
+PyAV (libav, one codec thread), the standard library and torch in DataLoader worker processes, one whole
+batch per worker task; no process is started per clip.
 
     (epoch, step) --sampler--> worker: plan -> read (corrupt: replace) -> decode -> collate -> Batch
 """
