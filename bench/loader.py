@@ -124,9 +124,12 @@ def measure_size(shards: Path, *, rounds: int, batch_size: int, compare_threads:
     auto_threads = None
     for round_ in range(rounds):
         for processes in (1, 2):
-            rates[processes]["floor"].append(floor_rate(shards, processes, batch_size))
-            rates[processes]["dali"].append(loader_rate(shards, "dali", processes, batch_size))
-            rates[processes]["wds"].append(loader_rate(shards, "wds", processes, batch_size))
+            for name in ("floor", "dali", "wds"):
+                rate = floor_rate(shards, processes, batch_size) if name == "floor" else \
+                    loader_rate(shards, name, processes, batch_size)
+                rates[processes][name].append(rate)
+                print(f"round {round_ + 1}/{rounds}, {processes} processes: {name} {rate:.1f} samples/s",
+                      file=sys.stderr, flush=True)
         if compare_threads and round_ == 0:  # the decode-thread choice: libav's automatic threads per decoder
             auto_threads = floor_rate(shards, 2, batch_size, threads=0)
     result = {"samples": load_dataset_info(shards).samples("train"), "rounds": rounds,

@@ -141,6 +141,8 @@ def measure_size(manifest: Path, work: Path, *, size: int, frames: int, rounds: 
             seconds[workers]["floor"].append(floor_seconds(manifest, size=size, frames=frames, workers=workers))
             seconds[workers]["builder"].append(builder_seconds(manifest, work / f"shards-{size}-{workers}",
                                                                size=size, frames=frames, workers=workers))
+            print(f"{size}: {workers} processes: floor {seconds[workers]['floor'][-1]:.1f} s, builder "
+                  f"{seconds[workers]['builder'][-1]:.1f} s", file=sys.stderr, flush=True)
     rates = {p: {k: [count / s for s in v] for k, v in by.items()} for p, by in seconds.items()}
     return {"samples": count, "rounds": rounds,
             "samples_per_s": {str(p): {k: [round(r, 2) for r in v] for k, v in by.items()}
