@@ -12,7 +12,8 @@ whole untimed epoch first: worker start-up, pipeline build and the page cache ar
 - dali: the DALI CPU loader (pipeline.dali_loader) with that many DALI threads;
 - wds: the DALI-free loader (pipeline.wds_loader) with that many worker processes.
 The loaders do more than the floor (log-mel features, normalisation, batching, passing batches between
-processes). Runs are interleaved (floor, dali, wds, floor, dali, wds, ...) over --rounds rounds and each ratio is
+processes). Every rate is also given per CPU second of the process tree (bench/cpu.py) with the cores each run
+got: on a shared machine the wall-clock ratios also measure the neighbours, the CPU ones only the code. Runs are interleaved (floor, dali, wds, floor, dali, wds, ...) over --rounds rounds and each ratio is
 the median over rounds of a loader's rate over the floor's in the same round, so drift on a shared machine
 touches both sides. Goals: dali / floor >= 0.9, wds / floor >= 0.8, each 2 processes / 1 process >= 1.7.
 """
@@ -33,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import av  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.cpu import CpuMeter  # noqa: E402
 from pipeline import LoaderConfig, load_dataset_info, make_loader  # noqa: E402
 
 GOALS = {"dali_vs_floor": 0.9, "wds_vs_floor": 0.8, "scaling_1_to_2": 1.7}
@@ -88,61 +90,85 @@ def _pyav_samples(data: bytes) -> np.ndarray:
         return np.concatenate([frame.to_ndarray().reshape(-1) for frame in container.decode(audio=0)])
 
 
-def floor_rate(shards: Path, processes: int, batch_size: int, threads: int = 1) -> float:
-    """Samples/s of the floor's second pass over every train sample (the first starts the pool, untimed)."""
+def floor_rate(shards: Path, processes: int, batch_size: int, threads: int = 1) -> tuple[float, float]:
+    """(samples per second, samples per CPU second) of the floor's second pass over every train sample (the
+    first starts the pool, untimed)."""
     count = load_dataset_info(shards).samples("train")
     tasks = [list(range(i, min(i + batch_size, count))) for i in range(0, count, batch_size)]
     context = multiprocessing.get_context("forkserver")
     with context.Pool(processes, initializer=_floor_start, initargs=(str(shards), threads)) as pool:
         sum(pool.imap(_floor_batch, tasks))
-        started = time.perf_counter()
-        samples = sum(pool.imap(_floor_batch, tasks))
-        return samples / (time.perf_counter() - started)
+        with CpuMeter() as cpu:
+            started = time.perf_counter()
+            samples = sum(pool.imap(_floor_batch, tasks))
+            elapsed = time.perf_counter() - started
+    return samples / elapsed, samples / cpu.seconds
 
 
 # -- the loaders -----------------------------------------------------------------------------------------
 
-def loader_rate(shards: Path, backend: str, processes: int, batch_size: int) -> float:
-    """Samples/s of a training loader's second epoch (the first starts its workers or pipeline, untimed)."""
+def loader_rate(shards: Path, backend: str, processes: int, batch_size: int) -> tuple[float, float]:
+    """(samples per second, samples per CPU second) of a training loader's second epoch (the first starts its
+    workers or pipeline, untimed)."""
     cfg = LoaderConfig(batch_size=batch_size, threads=processes, workers=processes)
     loader = make_loader(load_dataset_info(shards), "train", cfg, modalities=["rgb", "audio"], training=True,
                          backend=backend)
     try:
         for _ in loader.epoch():
             pass
-        started, samples = time.perf_counter(), 0
-        for batch in loader.epoch():
-            samples += len(batch)
-        return samples / (time.perf_counter() - started)
+        with CpuMeter() as cpu:
+            started, samples = time.perf_counter(), 0
+            for batch in loader.epoch():
+                samples += len(batch)
+            elapsed = time.perf_counter() - started
+        return samples / elapsed, samples / cpu.seconds
     finally:
         loader.close()
 
 
 def measure_size(shards: Path, *, rounds: int, batch_size: int, compare_threads: bool) -> dict:
-    """Rates per process count, interleaved floor / dali / wds in every round, and the ratios of one run."""
-    rates = {p: {"floor": [], "dali": [], "wds": []} for p in (1, 2)}
+    """Rates per process count, interleaved floor / dali / wds in every round, and the ratios of one run: per
+    wall second (what the goals name) and per CPU second of the process tree (what a shared machine leaves
+    comparable: the share of the cores each run got varies with the neighbours)."""
+    names = ("floor", "dali", "wds")
+    wall = {p: {k: [] for k in names} for p in (1, 2)}
+    per_cpu = {p: {k: [] for k in names} for p in (1, 2)}
     auto_threads = None
     for round_ in range(rounds):
         for processes in (1, 2):
-            for name in ("floor", "dali", "wds"):
-                rate = floor_rate(shards, processes, batch_size) if name == "floor" else \
+            for name in names:
+                rate, cpu_rate = floor_rate(shards, processes, batch_size) if name == "floor" else \
                     loader_rate(shards, name, processes, batch_size)
-                rates[processes][name].append(rate)
-                print(f"round {round_ + 1}/{rounds}, {processes} processes: {name} {rate:.1f} samples/s",
-                      file=sys.stderr, flush=True)
+                wall[processes][name].append(rate)
+                per_cpu[processes][name].append(cpu_rate)
+                print(f"round {round_ + 1}/{rounds}, {processes} processes: {name} {rate:.1f} samples/s, "
+                      f"{cpu_rate:.1f} samples per CPU second", file=sys.stderr, flush=True)
         if compare_threads and round_ == 0:  # the decode-thread choice: libav's automatic threads per decoder
             auto_threads = floor_rate(shards, 2, batch_size, threads=0)
     result = {"samples": load_dataset_info(shards).samples("train"), "rounds": rounds,
-              "samples_per_s": {str(p): {k: [round(v, 2) for v in r] for k, r in by.items()}
-                                for p, by in rates.items()}}
+              "samples_per_s": _rounded(wall), "samples_per_cpu_s": _rounded(per_cpu),
+              "cores_used": {str(p): {k: [round(w / c, 2) for w, c in zip(wall[p][k], per_cpu[p][k])]
+                                      for k in names} for p in (1, 2)}}
     for loader in ("dali", "wds"):
-        result[f"{loader}_vs_floor"] = {str(p): round(statistics.median(
-            m / f for m, f in zip(rates[p][loader], rates[p]["floor"])), 3) for p in (1, 2)}
-    result["scaling_1_to_2"] = {k: round(statistics.median(rates[2][k]) / statistics.median(rates[1][k]), 3)
-                                for k in ("floor", "dali", "wds")}
+        result[f"{loader}_vs_floor"] = _ratios(wall, loader)
+        result[f"{loader}_vs_floor_per_cpu_s"] = _ratios(per_cpu, loader)
+    result["scaling_1_to_2"] = {k: round(statistics.median(wall[2][k]) / statistics.median(wall[1][k]), 3)
+                                for k in names}
     if auto_threads is not None:
-        result["floor_2_processes_auto_threads_vs_1_thread"] = round(auto_threads / rates[2]["floor"][0], 3)
+        result["floor_2_processes_auto_threads_vs_1_thread"] = {
+            "per_s": round(auto_threads[0] / wall[2]["floor"][0], 3),
+            "per_cpu_s": round(auto_threads[1] / per_cpu[2]["floor"][0], 3)}
     return result
+
+
+def _rounded(rates: dict) -> dict:
+    return {str(p): {k: [round(v, 2) for v in r] for k, r in by.items()} for p, by in rates.items()}
+
+
+def _ratios(rates: dict, loader: str) -> dict:
+    """Per process count: the median over rounds of the loader's rate over the floor's in the same round."""
+    return {str(p): round(statistics.median(m / f for m, f in zip(rates[p][loader], rates[p]["floor"])), 3)
+            for p in (1, 2)}
 
 
 def goals_met(sizes: dict) -> dict:

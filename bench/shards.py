@@ -11,7 +11,8 @@ For each size (SIZExSIZE, 16 frames at 8 fps, VP9; 1 s of 16 kHz mono WAV) and f
   its video through the same fps/scale/crop filters and its audio track resampled to 16 kHz mono, keep 16
   frames, encode them to VP9 with the builder's encoder options (one thread) and the audio to WAV, in memory
   (the output kept as bytes, no check, no tar).
-Both include starting their pool. Runs are interleaved (floor, builder, floor, builder) and each ratio is the
+Both include starting their pool. Every rate is also given per CPU second of the process tree (bench/cpu.py):
+on a shared machine the wall-clock ratios also measure the neighbours, the CPU ones only the code. Runs are interleaved (floor, builder, floor, builder) and each ratio is the
 median over --rounds of the builder's rate over the floor's in the same round. Goals: builder / floor >= 0.8,
 2 processes / 1 process >= 1.7.
 """
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import av  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.cpu import CpuMeter  # noqa: E402
 from shards.build import build_shards  # noqa: E402
 from shards.transcode import PYAV_VIDEO, pick_frame_indices  # noqa: E402
 
@@ -46,27 +48,31 @@ FULL = {"sources": 300, "width": 320, "height": 240, "seconds": 3.0, "sizes": "1
 QUICK = {"sources": 4, "width": 64, "height": 48, "seconds": 0.5, "sizes": "32", "frames": 4, "rounds": 1}
 
 
-def builder_seconds(manifest: Path, out: Path, *, size: int, frames: int, workers: int) -> float:
+def builder_seconds(manifest: Path, out: Path, *, size: int, frames: int, workers: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process tree) of one build."""
     shutil.rmtree(out, ignore_errors=True)
-    started = time.perf_counter()
-    description = build_shards(manifest, out=out, fps=FPS, frames=frames, height=size, width=size,
-                               sample_rate=SAMPLE_RATE, audio_seconds=1.0, max_shard_samples=100, workers=workers,
-                               progress=False)
-    elapsed = time.perf_counter() - started
+    with CpuMeter() as cpu:
+        started = time.perf_counter()
+        description = build_shards(manifest, out=out, fps=FPS, frames=frames, height=size, width=size,
+                                   sample_rate=SAMPLE_RATE, audio_seconds=1.0, max_shard_samples=100,
+                                   workers=workers, progress=False)
+        elapsed = time.perf_counter() - started
     if description["rejects"]:
         raise SystemExit(f"the benchmark sources must convert without rejects; see {out}/rejects.jsonl")
-    return elapsed
+    return elapsed, cpu.seconds
 
 
-def floor_seconds(manifest: Path, *, size: int, frames: int, workers: int) -> float:
+def floor_seconds(manifest: Path, *, size: int, frames: int, workers: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process tree) of the plain PyAV transcode."""
     records = [json.loads(line) for line in manifest.read_text().splitlines()]
     tasks = [(str(manifest.parent / r["rgb"]), size, frames) for r in records]
-    started = time.perf_counter()
-    with multiprocessing.get_context("forkserver").Pool(workers) as pool:
-        kept = list(pool.imap(pyav_transcode, tasks))
-    elapsed = time.perf_counter() - started
+    with CpuMeter() as cpu:
+        started = time.perf_counter()
+        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
+            kept = list(pool.imap(pyav_transcode, tasks))
+        elapsed = time.perf_counter() - started
     assert len(kept) == len(tasks) and all(video and audio for video, audio in kept)
-    return elapsed
+    return elapsed, cpu.seconds
 
 
 def pyav_transcode(task: tuple[str, int, int]) -> tuple[bytes, bytes]:
@@ -134,22 +140,29 @@ def _wav(pcm: np.ndarray) -> bytes:
 
 
 def measure_size(manifest: Path, work: Path, *, size: int, frames: int, rounds: int) -> dict:
+    """Interleaved floor / builder runs at 2 then 1 processes; ratios per wall second (the goals) and per CPU
+    second of the process tree (what a shared machine leaves comparable)."""
     count = len(manifest.read_text().splitlines())
-    seconds = {p: {"floor": [], "builder": []} for p in (1, 2)}
+    wall = {p: {"floor": [], "builder": []} for p in (1, 2)}
+    per_cpu = {p: {"floor": [], "builder": []} for p in (1, 2)}
     for _ in range(rounds):
         for workers in (2, 1):
-            seconds[workers]["floor"].append(floor_seconds(manifest, size=size, frames=frames, workers=workers))
-            seconds[workers]["builder"].append(builder_seconds(manifest, work / f"shards-{size}-{workers}",
-                                                               size=size, frames=frames, workers=workers))
-            print(f"{size}: {workers} processes: floor {seconds[workers]['floor'][-1]:.1f} s, builder "
-                  f"{seconds[workers]['builder'][-1]:.1f} s", file=sys.stderr, flush=True)
-    rates = {p: {k: [count / s for s in v] for k, v in by.items()} for p, by in seconds.items()}
-    return {"samples": count, "rounds": rounds,
-            "samples_per_s": {str(p): {k: [round(r, 2) for r in v] for k, v in by.items()}
-                              for p, by in rates.items()},
-            "builder_vs_floor": {str(p): round(statistics.median(
-                b / f for b, f in zip(rates[p]["builder"], rates[p]["floor"])), 3) for p in (1, 2)},
-            "scaling_1_to_2": {k: round(statistics.median(rates[2][k]) / statistics.median(rates[1][k]), 3)
+            for name in ("floor", "builder"):
+                seconds, cpu = floor_seconds(manifest, size=size, frames=frames, workers=workers) \
+                    if name == "floor" else builder_seconds(manifest, work / f"shards-{size}-{workers}", size=size,
+                                                            frames=frames, workers=workers)
+                wall[workers][name].append(count / seconds)
+                per_cpu[workers][name].append(count / cpu)
+                print(f"{size}: {workers} processes: {name} {seconds:.1f} s, {cpu:.1f} CPU s", file=sys.stderr,
+                      flush=True)
+    ratio = lambda rates, p: round(statistics.median(  # noqa: E731
+        b / f for b, f in zip(rates[p]["builder"], rates[p]["floor"])), 3)
+    rounded = lambda rates: {str(p): {k: [round(r, 2) for r in v] for k, v in by.items()}  # noqa: E731
+                             for p, by in rates.items()}
+    return {"samples": count, "rounds": rounds, "samples_per_s": rounded(wall), "samples_per_cpu_s": rounded(per_cpu),
+            "builder_vs_floor": {str(p): ratio(wall, p) for p in (1, 2)},
+            "builder_vs_floor_per_cpu_s": {str(p): ratio(per_cpu, p) for p in (1, 2)},
+            "scaling_1_to_2": {k: round(statistics.median(wall[2][k]) / statistics.median(wall[1][k]), 3)
                                for k in ("floor", "builder")}}
 
 

@@ -32,6 +32,10 @@ def test_loader_benchmark_quick_measures_both_loaders_against_the_floor(cache):
         assert all(r > 0 for name in ("floor", "dali", "wds") for r in rates[name])
         assert size["dali_vs_floor"][processes] == pytest.approx(rates["dali"][0] / rates["floor"][0], rel=1e-2)
         assert size["wds_vs_floor"][processes] == pytest.approx(rates["wds"][0] / rates["floor"][0], rel=1e-2)
+        per_cpu = size["samples_per_cpu_s"][processes]
+        assert size["wds_vs_floor_per_cpu_s"][processes] == pytest.approx(per_cpu["wds"][0] / per_cpu["floor"][0],
+                                                                          rel=1e-2)
+        assert all(0 < c <= 2.5 for cores in size["cores_used"][processes].values() for c in cores)  # 2 cores
     assert set(size["scaling_1_to_2"]) == {"floor", "dali", "wds"}
     assert set(result["goals_met"]["32x32x4"]) == {"dali_vs_floor", "wds_vs_floor", "scaling_1_to_2"}
     assert len(list((cache / "sources").rglob("*.mp4"))) == 4  # cached for the builder benchmark below
@@ -45,6 +49,7 @@ def test_shards_benchmark_quick_measures_the_builder_against_a_pyav_transcode(ca
         rates = size["samples_per_s"][processes]
         assert rates["floor"][0] > 0 and rates["builder"][0] > 0
         assert size["builder_vs_floor"][processes] == pytest.approx(rates["builder"][0] / rates["floor"][0], rel=1e-2)
+        assert size["builder_vs_floor_per_cpu_s"][processes] > 0
     assert not (cache / "builds").exists()  # the timed builds are removed, the sources kept
 
 
@@ -63,6 +68,19 @@ def test_pyav_floor_transcode_gives_the_builders_member_shapes(cache):
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 4 and frames[0].shape == (32, 32, 3)
     assert wav[:4] == b"RIFF" and len(wav) == 44 + 2 * 16000  # 1 s of 16 kHz mono, zero-padded as the builder does
+
+
+def test_cpu_meter_counts_a_child_that_exits_inside_the_block():
+    import time
+
+    sys.path.insert(0, str(ROOT))
+    from bench.cpu import CpuMeter
+
+    with CpuMeter() as meter:
+        subprocess.run([sys.executable, "-c", "import time; end = time.process_time() + 0.5\n"
+                                              "while time.process_time() < end: pass"], check=True)
+        time.sleep(0.2)
+    assert 0.35 < meter.seconds < 5  # the child's half second of CPU (at most one 0.1 s poll is lost)
 
 
 def test_memory_probe_reads_the_process_tree_after_every_epoch(tiny_shards):
