@@ -154,15 +154,15 @@ def _power_spectrogram(x: torch.Tensor, window: int, hop: int, nfft: int) -> tor
 def normalize_video(frames: np.ndarray, *, start: int, count: int, flip: bool) -> torch.Tensor:
     """(T_s, H, W, 3) uint8 -> (3, count, H, W) float32 from frame `start`, optionally mirrored.
 
-    One pass converts and reorders into the output, then two in-place passes normalise it: the same float32
-    operations as ((x - mean) / std), without the three temporaries of a float copy, its difference and a
-    permuted copy (a third of the DALI-free loader's time at 112x112x16)."""
-    clip = torch.from_numpy(frames[start:start + count])
+    The channels are moved to the front while the pixels are still bytes (a quarter of the memory a float
+    permute would stride through), then one conversion and two in-place passes give ((x - mean) / std) with
+    the same float32 operations as before, without temporaries (at 224x224x16 the float permute alone cost
+    more than decoding the clip)."""
+    clip = frames[start:start + count]
     if flip:
-        clip = clip.flip(2)
-    out = torch.empty((3, *clip.shape[:3]), dtype=torch.float32)
-    out.copy_(clip.permute(3, 0, 1, 2))
-    return out.sub_(VIDEO_MEAN).div_(VIDEO_STD)
+        clip = clip[:, :, ::-1]
+    planar = np.ascontiguousarray(clip.transpose(3, 0, 1, 2))  # (3, count, H, W) uint8
+    return torch.from_numpy(planar).float().sub_(VIDEO_MEAN).div_(VIDEO_STD)
 
 
 def normalize_depth(depth: np.ndarray, *, max_value: float, start: int, count: int, flip: bool) -> torch.Tensor:
