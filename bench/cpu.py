@@ -11,7 +11,9 @@ import threading
 
 import psutil
 
-__all__ = ["CpuMeter"]
+__all__ = ["CpuMeter", "TICK"]
+
+TICK = 0.01
 
 
 class CpuMeter:
@@ -48,4 +50,5 @@ class CpuMeter:
         self._stop.set()
         self._thread.join()
         self._last.update(self._read())
-        self.seconds = sum(t - self._start.get(pid, 0.0) for pid, t in self._last.items())
+        # at least one clock tick (psutil's resolution), so a rate over a tiny section is finite
+        self.seconds = max(sum(t - self._start.get(pid, 0.0) for pid, t in self._last.items()), TICK)
