@@ -13,7 +13,8 @@ whole untimed epoch first: worker start-up, pipeline build and the page cache ar
 - wds: the DALI-free loader (pipeline.wds_loader) with that many worker processes.
 The loaders do more than the floor (log-mel features, normalisation, batching, passing batches between
 processes). Every rate is also given per CPU second of the process tree (bench/cpu.py) with the cores each run
-got: on a shared machine the wall-clock ratios also measure the neighbours, the CPU ones only the code. Runs are interleaved (floor, dali, wds, floor, dali, wds, ...) over --rounds rounds and each ratio is
+got: on a shared machine the wall-clock ratios also measure the neighbours, the CPU ones only the code. Runs are
+interleaved (floor, dali, wds, floor, dali, wds, ...) over --rounds rounds and each ratio is
 the median over rounds of a loader's rate over the floor's in the same round, so drift on a shared machine
 touches both sides. Goals: dali / floor >= 0.9, wds / floor >= 0.8, each 2 processes / 1 process >= 1.7.
 """

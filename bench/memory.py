@@ -76,7 +76,8 @@ def measure_one(shards: str, backend: str, *, epochs: int, batch_size: int, thre
     loader.close()
     return {"rss_after_epoch_mb": [round(x / MB, 1) for x in after], "peak_rss_mb": round(sampler.peak / MB, 1),
             "pss_after_epoch_mb": [round(x / MB, 1) for x in after_pss],
-            "growth_last_vs_first": round(after[-1] / after[0] - 1, 4), "seconds": round(time.perf_counter() - started, 1)}
+            "growth_last_vs_first": round(after[-1] / after[0] - 1, 4),
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ For each size (SIZExSIZE, 16 frames at 8 fps, VP9; 1 s of 16 kHz mono WAV) and f
   frames, encode them to VP9 with the builder's encoder options (one thread) and the audio to WAV, in memory
   (the output kept as bytes, no check, no tar).
 Both include starting their pool. Every rate is also given per CPU second of the process tree (bench/cpu.py):
-on a shared machine the wall-clock ratios also measure the neighbours, the CPU ones only the code. Runs are interleaved (floor, builder, floor, builder) and each ratio is the
+on a shared machine the wall-clock ratios also measure the neighbours, the CPU ones only the code. Runs are
+interleaved (floor, builder, floor, builder) and each ratio is the
 median over --rounds of the builder's rate over the floor's in the same round. Goals: builder / floor >= 0.8,
 2 processes / 1 process >= 1.7.
 """
