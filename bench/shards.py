@@ -1,122 +1,210 @@
-"""Shard builder throughput against a raw ffmpeg transcode of the same inputs; prints one JSON object.
+"""Shard builder throughput against an in-process PyAV transcode of the same sources; prints one JSON object.
 
-    .venv/bin/python bench/shards.py [--samples 500] [--workers 2] [--workdir DIR] [--keep]
+    .venv/bin/python bench/shards.py [--sources 300] [--sizes 112,224] [--rounds 1] [--cache /tmp/cotrain-bench]
+    .venv/bin/python bench/shards.py --quick        # a few tiny sources, for the test that keeps this running
 
-Writes a synthetic video + audio corpus (the built-in one without its text), then times, each with the
-same number of worker processes:
-- the builder: `build_shards` with default options (vp9 32x32, 8 frames at 8 fps, 1 s WAV), including
-  manifest checks, the decode check, tar writing, hashing, indexing and stats files;
-- raw ffmpeg: one ffmpeg launch per sample that does the same decode, fps/scale/crop, VP9 encode and
-  audio resample, writing plain files (no frame selection in numpy, no decode check, no tar);
-- the builder again with 1 worker, for `scaling_2_workers` (2 workers / 1 worker; needs --workers 2).
-A 20-sample warm-up build and a read of the whole corpus come first, untimed.
-Goals: ratio >= 0.8, scaling_2_workers >= 1.7. Numbers from a loaded or shared machine are noisy: the
-output carries the 1-minute load average before and after.
+Corpus: `--sources` camera-like clips (bench/sources.py: 320x240, 3 s, 30 fps H.264 + AAC, cached in --cache).
+For each size (SIZExSIZE, 16 frames at 8 fps, VP9; 1 s of 16 kHz mono WAV) and for 1 and 2 processes:
+- builder: `build_shards` with those options and that many workers, everything included (manifest checks,
+  decode, frame selection, encode, the decode check of every member, tar writing, hashes, indexes, stats);
+- floor: a plain PyAV transcode of the same sources in a pool of that many processes: open the clip once, decode
+  its video through the same fps/scale/crop filters and its audio track resampled to 16 kHz mono, keep 16
+  frames, encode them to VP9 with the builder's encoder options (one thread) and the audio to WAV, in memory
+  (the output kept as bytes, no check, no tar).
+Both include starting their pool. Every rate is also given per CPU second of the process tree (bench/cpu.py):
+on a shared machine the wall-clock ratios also measure the neighbours, the CPU ones only the code. Runs are
+interleaved (floor, builder, floor, builder) and each ratio is the
+median over --rounds of the builder's rate over the floor's in the same round. Goals: builder / floor >= 0.8,
+2 processes / 1 process >= 1.7.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import multiprocessing
 import os
 import shutil
-import subprocess
+import statistics
 import sys
-import tempfile
 import time
+import wave
+from fractions import Fraction
 from pathlib import Path
 
 # This file is bench/shards.py: drop bench/ from the path so `shards` is the package, not this script.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shards.build import build_shards
-from shards.synth import write_synthetic_corpus
-from shards.transcode import QUIET, VIDEO_CODECS
+import av  # noqa: E402
+import numpy as np  # noqa: E402
 
-FPS, FRAMES, SIZE, SAMPLE_RATE = 8, 8, 32, 16000
+from bench.cpu import CpuMeter  # noqa: E402
+from shards.build import build_shards  # noqa: E402
+from shards.transcode import PYAV_VIDEO, pick_frame_indices  # noqa: E402
+
+GOALS = {"builder_vs_floor": 0.8, "scaling_1_to_2": 1.7}
+FPS, SAMPLE_RATE = 8, 16000
+FULL = {"sources": 300, "width": 320, "height": 240, "seconds": 3.0, "sizes": "112,224", "frames": 16, "rounds": 1}
+QUICK = {"sources": 4, "width": 64, "height": 48, "seconds": 0.5, "sizes": "32", "frames": 4, "rounds": 1}
+
+
+def builder_seconds(manifest: Path, out: Path, *, size: int, frames: int, workers: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process tree) of one build."""
+    shutil.rmtree(out, ignore_errors=True)
+    with CpuMeter() as cpu:
+        started = time.perf_counter()
+        description = build_shards(manifest, out=out, fps=FPS, frames=frames, height=size, width=size,
+                                   sample_rate=SAMPLE_RATE, audio_seconds=1.0, max_shard_samples=100,
+                                   workers=workers, progress=False)
+        elapsed = time.perf_counter() - started
+    if description["rejects"]:
+        raise SystemExit(f"the benchmark sources must convert without rejects; see {out}/rejects.jsonl")
+    return elapsed, cpu.seconds
+
+
+def floor_seconds(manifest: Path, *, size: int, frames: int, workers: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the process tree) of the plain PyAV transcode."""
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    tasks = [(str(manifest.parent / r["rgb"]), size, frames) for r in records]
+    with CpuMeter() as cpu:
+        started = time.perf_counter()
+        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
+            kept = list(pool.imap(pyav_transcode, tasks))
+        elapsed = time.perf_counter() - started
+    assert len(kept) == len(tasks) and all(video and audio for video, audio in kept)
+    return elapsed, cpu.seconds
+
+
+def pyav_transcode(task: tuple[str, int, int]) -> tuple[bytes, bytes]:
+    """One source to (VP9 webm bytes, WAV bytes), all in this process: what plain PyAV does for a sample."""
+    path, size, frames = task
+    with av.open(path) as container:
+        video = container.streams.video[0]
+        video.thread_count = 1
+        graph = av.filter.Graph()
+        chain = [graph.add_buffer(template=video), graph.add("fps", str(FPS)),
+                 graph.add("scale", f"{size}:{size}:force_original_aspect_ratio=increase:flags=area"),
+                 graph.add("crop", f"{size}:{size}"), graph.add("format", "rgb24"), graph.add("buffersink")]
+        for source, target in zip(chain, chain[1:]):
+            source.link_to(target)
+        graph.configure()
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
+        decoded, pcm = [], []
+        for frame in container.decode(video=0, audio=0):
+            if isinstance(frame, av.VideoFrame):
+                graph.push(frame)
+                decoded += _pull_all(graph)
+            else:
+                pcm += [out.to_ndarray().reshape(-1) for out in resampler.resample(frame)]
+        graph.push(None)
+        decoded += _pull_all(graph)
+        pcm += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    chosen = np.stack(decoded)[pick_frame_indices(len(decoded), frames)]
+    second = np.zeros(SAMPLE_RATE, dtype=np.int16)  # 1 s, zero-padded as the builder's members are
+    kept = np.concatenate(pcm)[:SAMPLE_RATE]
+    second[:kept.size] = kept
+    return _vp9(chosen), _wav(second)
+
+
+def _pull_all(graph) -> list[np.ndarray]:
+    frames = []
+    while True:
+        try:
+            frames.append(graph.pull().to_ndarray())
+        except (av.error.BlockingIOError, av.error.EOFError):
+            return frames
+
+
+def _vp9(frames: np.ndarray) -> bytes:
+    codec, pixel_format, options, _ = PYAV_VIDEO["vp9"]
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="webm") as container:
+        stream = container.add_stream(codec, rate=Fraction(FPS))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pixel_format
+        stream.thread_count = 1
+        stream.options = {"g": str(len(frames)), **options}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def _wav(pcm: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(SAMPLE_RATE)
+        out.writeframes(pcm.astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+def measure_size(manifest: Path, work: Path, *, size: int, frames: int, rounds: int) -> dict:
+    """Interleaved floor / builder runs at 2 then 1 processes; ratios per wall second (the goals) and per CPU
+    second of the process tree (what a shared machine leaves comparable)."""
+    count = len(manifest.read_text().splitlines())
+    wall = {p: {"floor": [], "builder": []} for p in (1, 2)}
+    per_cpu = {p: {"floor": [], "builder": []} for p in (1, 2)}
+    for _ in range(rounds):
+        for workers in (2, 1):
+            for name in ("floor", "builder"):
+                seconds, cpu = floor_seconds(manifest, size=size, frames=frames, workers=workers) \
+                    if name == "floor" else builder_seconds(manifest, work / f"shards-{size}-{workers}", size=size,
+                                                            frames=frames, workers=workers)
+                wall[workers][name].append(count / seconds)
+                per_cpu[workers][name].append(count / cpu)
+                print(f"{size}: {workers} processes: {name} {seconds:.1f} s, {cpu:.1f} CPU s", file=sys.stderr,
+                      flush=True)
+    ratio = lambda rates, p: round(statistics.median(  # noqa: E731
+        b / f for b, f in zip(rates[p]["builder"], rates[p]["floor"])), 3)
+    rounded = lambda rates: {str(p): {k: [round(r, 2) for r in v] for k, v in by.items()}  # noqa: E731
+                             for p, by in rates.items()}
+    return {"samples": count, "rounds": rounds, "samples_per_s": rounded(wall), "samples_per_cpu_s": rounded(per_cpu),
+            "builder_vs_floor": {str(p): ratio(wall, p) for p in (1, 2)},
+            "builder_vs_floor_per_cpu_s": {str(p): ratio(per_cpu, p) for p in (1, 2)},
+            "scaling_1_to_2": {k: round(statistics.median(wall[2][k]) / statistics.median(wall[1][k]), 3)
+                               for k in ("floor", "builder")}}
+
+
+def run(*, sources: int, width: int, height: int, seconds: float, sizes: str, frames: int, rounds: int,
+        cache: Path) -> dict:
+    from bench.sources import write_sources
+
+    load_before, started = os.getloadavg(), time.perf_counter()
+    manifest = write_sources(sources, cache / "sources", width=width, height=height, seconds=seconds)
+    for path in manifest.parent.rglob("*.mp4"):  # the page cache holds the sources before the first timed run
+        path.read_bytes()
+    by_size = {}
+    for size in (int(s) for s in sizes.split(",")):
+        by_size[f"{size}x{size}x{frames}"] = measure_size(manifest, cache / "builds", size=size, frames=frames,
+                                                          rounds=rounds)
+    shutil.rmtree(cache / "builds", ignore_errors=True)
+    met = {size: {"builder_vs_floor": all(v >= GOALS["builder_vs_floor"] for v in r["builder_vs_floor"].values()),
+                  "scaling_1_to_2": {k: v >= GOALS["scaling_1_to_2"] for k, v in r["scaling_1_to_2"].items()}}
+           for size, r in by_size.items()}
+    return {"sources": {"count": sources, "size": f"{width}x{height}", "seconds": seconds, "codec": "h264 + aac"},
+            "shards": "vp9 + wav (16 kHz, 1 s), 8 fps", "sizes": by_size, "goals": GOALS, "goals_met": met,
+            "machine": {"cpu_count": os.cpu_count(), "load_average_before": [round(x, 2) for x in load_before],
+                        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                        "seconds": round(time.perf_counter() - started, 1)},
+            "note": "one run; absolute rates drift on a shared machine, compare the ratios (measured in the same "
+                    "rounds). Scaling 1 -> 2 processes needs 2 idle cores: a loaded machine distorts it"}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=500, help="Corpus size (the issue's benchmark uses >= 500).")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--workdir", type=Path, default=None, help="Keep the corpus here (reused if present).")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few tiny sources and one size (seconds)")
+    parser.add_argument("--sources", type=int, help=f"camera-like sources (default {FULL['sources']})")
+    parser.add_argument("--sizes", help=f"comma-separated square sizes (default {FULL['sizes']})")
+    parser.add_argument("--rounds", type=int, help=f"interleaved rounds (default {FULL['rounds']})")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/cotrain-bench"),
+                        help="where sources are kept between runs (shards are built under it and removed)")
     args = parser.parse_args()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="cotrain-bench-shards-"))
-    load_before = os.getloadavg()[0]
-    manifest = _video_audio_manifest(workdir, args.samples)
-    _warm_up(manifest, workdir, workers=args.workers)
-    builder = _time_builder(manifest, workdir / "shards", workers=args.workers)
-    raw = _time_ffmpeg(manifest, workdir / "raw", workers=args.workers)
-    result = {"samples": args.samples, "workers": args.workers,
-              "builder_samples_per_s": round(args.samples / builder, 2),
-              "ffmpeg_samples_per_s": round(args.samples / raw, 2),
-              "ratio": round(raw / builder, 3)}
-    if args.workers == 2:
-        single = _time_builder(manifest, workdir / "shards-1", workers=1)
-        result["builder_1_worker_samples_per_s"] = round(args.samples / single, 2)
-        result["scaling_2_workers"] = round(single / builder, 3)
-    result.update(ffmpeg_launches_per_sample={"builder": 0, "raw": 1}, cpu_count=os.cpu_count(),
-                  load_average_1min={"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)})
-    print(json.dumps(result))
-    if args.workdir is None:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _video_audio_manifest(workdir: Path, samples: int) -> Path:
-    """The built-in corpus without text: every sample has an H.264 clip and a WAV file."""
-    source = workdir / "corpus" / "manifest.jsonl"
-    if not source.exists() or len(source.read_text().splitlines()) != samples:
-        write_synthetic_corpus(source.parent, n=samples, seed=0, workers=max(1, os.cpu_count() or 1))
-    records = [json.loads(line) for line in source.read_text().splitlines()]
-    manifest = source.with_name("video-audio.jsonl")
-    manifest.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "text"}) + "\n" for r in records))
-    return manifest
-
-
-def _warm_up(manifest: Path, workdir: Path, *, workers: int) -> None:
-    """Read the corpus once and start each tool once, so the first timed run does not pay for a cold cache."""
-    head = manifest.with_name("warm-up.jsonl")
-    head.write_text("".join(manifest.read_text().splitlines(keepends=True)[:20]))
-    _time_builder(head, workdir / "warm-up", workers=workers)
-    for path in manifest.parent.rglob("*"):
-        if path.is_file():
-            path.read_bytes()
-
-
-def _time_builder(manifest: Path, out: Path, *, workers: int) -> float:
-    shutil.rmtree(out, ignore_errors=True)
-    started = time.perf_counter()
-    description = build_shards(manifest, out=out, fps=FPS, frames=FRAMES, height=SIZE, width=SIZE,
-                               sample_rate=SAMPLE_RATE, workers=workers, progress=False)
-    elapsed = time.perf_counter() - started
-    assert description["rejects"] == 0, "the benchmark corpus must convert without rejects"
-    return elapsed
-
-
-def _time_ffmpeg(manifest: Path, out: Path, *, workers: int) -> float:
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    records = [json.loads(line) for line in manifest.read_text().splitlines()]
-    tasks = [(str(manifest.parent / r["rgb"]), str(manifest.parent / r["audio"]), str(out / r["key"]))
-             for r in records]
-    started = time.perf_counter()
-    with multiprocessing.get_context("forkserver").Pool(workers) as pool:
-        for _ in pool.imap(_raw_transcode, tasks):
-            pass
-    return time.perf_counter() - started
-
-
-def _raw_transcode(task: tuple[str, str, str]) -> None:
-    """What plain ffmpeg does for one sample: video and audio in one launch, to files."""
-    video, audio, target = task
-    size = f"{SIZE}:{SIZE}"
-    command = ["ffmpeg", *QUIET, "-i", video, "-i", audio,
-               "-map", "0:v:0", "-vf", f"fps={FPS},scale={size}:force_original_aspect_ratio=increase:flags=area,"
-                                       f"crop={size}",
-               "-frames:v", str(FRAMES), *VIDEO_CODECS["vp9"]["options"], "-threads", "1", target + ".webm",
-               "-map", "1:a:0", "-ac", "1", "-ar", str(SAMPLE_RATE), "-t", "1", target + ".wav"]
-    subprocess.run(command, check=True, capture_output=True)
+    settings = dict(QUICK if args.quick else FULL)
+    settings.update({k: v for k, v in (("sources", args.sources), ("sizes", args.sizes), ("rounds", args.rounds))
+                     if v is not None})
+    print(json.dumps(run(**settings, cache=args.cache), indent=1))
 
 
 if __name__ == "__main__":

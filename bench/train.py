@@ -15,7 +15,11 @@ Prints one JSON object:
   beside that count, `live_at_step` / `live_after_step`: every tensor storage alive then except the weights
   (DeepSpeed's bucket buffers and flat copies included, torch.empty buffers at full size), and
   `zero2_vs_zero0_live_bytes_at_step`;
-- `samples_per_s_1_rank`, `samples_per_s_2_ranks`, `scaling_2_ranks`.
+- `samples_per_s_1_rank`, `samples_per_s_2_ranks`, `scaling_2_ranks`;
+- `data_wait`: per loader (dali, wds), the fraction of the last epoch's wall time a co-training run of a `resnet3d`
+  video branch and the default audio branch waited for batches, at 112x112x16 (the camera-like sources of
+  bench/sources.py, `--wait-sources` of them, cached in `--cache`), default threads on CPU, `--wait-epochs` epochs
+  (the first starts workers and pipelines; the last is reported). Goal: < 5%.
 Quote ratios; absolute times drift on shared machines.
 """
 from __future__ import annotations
@@ -197,13 +201,33 @@ def zero_states(work: Path) -> dict:
                                                   for k in ("fp32", "bf16")}}
 
 
+def data_wait(work: Path, cache: Path, sources: int, epochs: int, batch_size: int) -> dict:
+    """Co-train a resnet3d at 112x112x16 with each loader; the data wait of the last epoch, from the run's log."""
+    from bench.loader import bench_shards
+    from bench.sources import write_sources
+
+    shards = bench_shards(write_sources(sources, cache / "sources"), cache, size=112, frames=16)
+    config = work / "wait-config.json"
+    config.write_text(json.dumps({"encoders": {"video": {"name": "resnet3d", "shared_stages": 2}}}))
+    waits = {}
+    for backend in ("dali", "wds"):
+        log = _train(shards, work / f"wait-{backend}", epochs, "--config", str(config), "--mode", "cotrain",
+                     "--batch-size", str(batch_size), "--set", f"loader.backend={backend}")
+        waits[backend] = float(re.findall(r"epoch \d+/\d+ .* data wait ([\d.]+)%", log)[-1]) / 100
+        waits[f"{backend}_samples_per_s"] = _last_epoch_rate(log)
+    return {"data_wait": waits, "data_wait_shards": str(shards), "data_wait_goal": 0.05}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=240)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--work", default="bench-out/train")
-    parser.add_argument("--skip", default="", help="Comma-separated parts to skip: steps, zero, scaling.")
+    parser.add_argument("--skip", default="", help="Comma-separated parts to skip: steps, zero, scaling, wait.")
+    parser.add_argument("--wait-sources", type=int, default=64, help="camera-like sources for the data-wait part")
+    parser.add_argument("--wait-epochs", type=int, default=2)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/cotrain-bench"), help="bench sources and shards")
     parser.add_argument("--zero-probe", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--probe-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
@@ -215,7 +239,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     skip = set(args.skip.split(","))
-    shards = _shards(work, args.samples)
+    shards = _shards(work, args.samples) if {"steps", "scaling"} - skip else None
     result = {"samples": args.samples, "epochs": args.epochs, "batch_size": args.batch_size}
     if "steps" not in skip:
         result.update(step_seconds(shards, work, args.epochs, args.batch_size))
@@ -223,6 +247,8 @@ def main() -> None:
         result.update(zero_states(work))
     if "scaling" not in skip:
         result.update(scaling(shards, work, args.epochs, args.batch_size))
+    if "wait" not in skip:
+        result.update(data_wait(work, args.cache, args.wait_sources, args.wait_epochs, args.batch_size))
     print(json.dumps(result, indent=2))
 
 

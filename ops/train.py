@@ -111,7 +111,7 @@ class Trainer:
         self.modalities = self.info.select(cfg.modalities)
         self.loader = make_loader(self.info, "train", cfg.loader, modalities=list(self.modalities), training=True,
                                   seed=cfg.seed, rank=self.rank, world_size=self.world,
-                                  device_id=self.device_id)
+                                  device_id=self.device_id, backend=cfg.loader.backend)
         self.specs = _specs(cfg, self.modalities)
         # the one source of the task type: the loss (cfg.task), validation and the report all read it from here
         self.task, self.task_size = task_of(self.info)
@@ -247,7 +247,7 @@ class Trainer:
     def _epoch(self) -> dict[str, float] | None:
         """The rest of the current epoch; the mean of each loss term, or None when stopped by SIGTERM."""
         self.engine.train()
-        samples, started = 0, time.perf_counter()
+        samples, started, waited = 0, time.perf_counter(), 0.0
         steps = self.loader.steps_per_epoch
         batches = itertools.islice(self.loader.epoch(), steps - self.state.batch_in_epoch)
         with progress_bar(enabled=self.progress, total=steps, initial=self.state.batch_in_epoch, unit="step",
@@ -258,6 +258,7 @@ class Trainer:
                 if batch is None:
                     break
                 t1 = time.perf_counter()
+                waited += t1 - t0
                 result = self._micro_step(self._cast(batch), self.state.batch_in_epoch + 1 == steps)
                 t2 = time.perf_counter()
                 self.state.step += 1
@@ -275,10 +276,11 @@ class Trainer:
                     return None
         self._record(self.readback.flush())
         means = {k: v / self.state.epoch_count for k, v in self.state.epoch_sums.items()}
-        rate = samples * self.world / max(time.perf_counter() - started, 1e-9)
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        rate = samples * self.world / elapsed
         _log(self.rank, f"epoch {self.state.epoch + 1}/{self.cfg.epochs}  loss {means.get('total', float('nan')):.4f}  "
                         + "  ".join(f"{k.removesuffix('_loss')} {v:.3f}" for k, v in means.items() if k != "total")
-                        + f"  {rate:.1f} samples/s")
+                        + f"  {rate:.1f} samples/s  data wait {waited / elapsed:.1%}")
         return means
 
     def _record(self, records) -> None:
@@ -326,7 +328,7 @@ class Trainer:
         if self.rank != 0 or self.info.samples("val") == 0 or self.cfg.eval_every == 0:
             return None, None
         loader = make_loader(self.info, "val", self.cfg.loader, modalities=list(self.modalities), training=False,
-                             device_id=self.device_id)
+                             device_id=self.device_id, backend=self.cfg.loader.backend)
         copy = None
         if self.cfg.optim.zero_stage == 3:  # in the engine's dtype, which _cast gives the inputs
             copy = self._build_model(load_weights=False).to(device=self.engine.device, dtype=self.dtype)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["LoaderConfig", "AUDIO_FEATURES", "AUGMENTATIONS", "CORRUPT_POLICIES"]
+__all__ = ["LoaderConfig", "AUDIO_FEATURES", "AUGMENTATIONS", "CORRUPT_POLICIES", "LOADER_BACKENDS"]
 
 AUDIO_FEATURES = ("logmel", "mfcc", "waveform")
 CORRUPT_POLICIES = ("skip", "fail")
+LOADER_BACKENDS = ("auto", "dali", "wds")
 AUGMENTATIONS = {"video": ("hflip",), "depth": ("hflip",)}
 """Augmentations each modality kind accepts (value: probability per sample)."""
 
@@ -42,6 +43,9 @@ class LoaderConfig:
     (a horizontal flip changes the meaning of a left/right gesture)."""
     on_corrupt: str = "fail"
     """A sample that cannot be read or decoded: fail the run, or skip it (counted, logged at a limited rate)."""
+    backend: str = "auto"
+    """Who decodes in training: dali, wds (the DALI-free loader: PyAV in worker processes) or auto (DALI when
+    it is installed)."""
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -51,6 +55,8 @@ class LoaderConfig:
                              f"got {self.audio_features!r}")
         if self.on_corrupt not in CORRUPT_POLICIES:
             raise ValueError(f"loader.on_corrupt must be skip or fail, got {self.on_corrupt!r}")
+        if self.backend not in LOADER_BACKENDS:
+            raise ValueError(f"loader.backend must be one of {', '.join(LOADER_BACKENDS)}, got {self.backend!r}")
         if self.video_frames < 0:
             raise ValueError(f"loader.video_frames must be >= 0 (0 = all stored frames), got {self.video_frames}")
         if self.workers < 0:

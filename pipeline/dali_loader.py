@@ -6,8 +6,8 @@ loader's own epoch plan, so the order is seeded per epoch, resumable and identic
 
 Video is decoded on the GPU (`device="mixed"`, any codec NVDEC reads) when a device id is given and the
 clips are at least NVDEC's minimum coded size for their codec, and by DALI's CPU decoder otherwise (then
-copied to the GPU), except H.264, which DALI's CPU decoder cannot read: those clips are decoded by ffmpeg
-inside the feed (a thread pool) and enter the pipeline as frames. The feed reads ahead
+copied to the GPU), except H.264, which DALI's CPU decoder cannot read: those clips are decoded in-process by
+PyAV inside the feed (a thread pool) and enter the pipeline as frames. The feed reads ahead
 (`READ_AHEAD_BATCHES`) in its thread pool, so reading and decoding overlap the training step. Audio becomes
 per-sample-normalised log-mel or MFCC features with DALI's spectrogram operators. A missing modality
 gets zeros and `present = False` through DALI conditionals, so a batch never shrinks.
@@ -76,7 +76,7 @@ def nvdec_reads(spec: dict) -> bool:
 
 
 def video_decoder(spec: dict, gpu: bool) -> str:
-    """Who decodes a video modality: "mixed" (NVDEC), "cpu" (DALI's CPU decoder) or "feed" (ffmpeg in the feed,
+    """Who decodes a video modality: "mixed" (NVDEC), "cpu" (DALI's CPU decoder) or "feed" (PyAV in the feed,
     for what DALI's CPU decoder cannot read: H.264)."""
     if gpu and nvdec_reads(spec):
         return "mixed"
@@ -84,7 +84,7 @@ def video_decoder(spec: dict, gpu: bool) -> str:
 
 
 def decoded_in_feed(spec: dict, gpu: bool) -> bool:
-    """Video that reaches DALI as frames, decoded by ffmpeg in the feed."""
+    """Video that reaches DALI as frames, decoded by PyAV in the feed."""
     return spec["kind"] == "video" and video_decoder(spec, gpu) == "feed"
 
 

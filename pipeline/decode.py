@@ -1,4 +1,5 @@
-"""DALI-free decoding to the batch contract (the fallback loader, and H.264 on DALI's CPU path).
+"""DALI-free decoding to the batch contract (the fallback loader, and H.264 on DALI's CPU path), in-process:
+video and non-WAV audio by PyAV (libav, no process per clip), WAV by the standard library.
 
 Audio features follow DALI's operators formula for formula (measured against DALI 2.4 in
 tests/test_pipeline_parity.py): spectrogram with the window sin^2(pi (i + 0.5) / N), centred frames
@@ -8,11 +9,13 @@ the sample's maximum, floored at -80 dB; DCT-II (unnormalised) for MFCC; per-sam
 from __future__ import annotations
 
 import io
-import subprocess
+import re
 import wave
 
+import av
 import numpy as np
 import torch
+from av.video.reformatter import Interpolation, VideoReformatter
 
 from .config import LoaderConfig
 
@@ -23,7 +26,12 @@ VIDEO_MEAN, VIDEO_STD = 0.45 * 255, 0.225 * 255
 DEPTH_MEAN, DEPTH_STD = 0.5, 0.5  # depth / max_value in [0, 1] -> [-1, 1]
 CUTOFF_DB = -80.0
 NORMALIZE_EPSILON = 1e-3
-FFMPEG_QUIET = ("ffmpeg", "-hide_banner", "-loglevel", "error", "-nostdin")
+# Bicubic chroma upsampling with accurate rounding and full chroma interpolation comes closest to DALI's
+# decoder (a mean of 0.35 8-bit levels, tests/test_pipeline_resume.py).
+RGB_INTERPOLATION = Interpolation.BICUBIC | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
+DECODE_THREADS = 1
+"""Codec threads per decoded clip: loaders decode one clip per worker process or feed thread, so threads inside
+one decoder only compete with the other workers (measured in bench/loader.py --decode-threads)."""
 
 
 class DecodeError(Exception):
@@ -31,20 +39,30 @@ class DecodeError(Exception):
 
 
 def decode_video(data: bytes, *, height: int, width: int) -> np.ndarray:
-    """Every frame of an encoded clip as (T, H, W, 3) uint8 RGB, through an ffmpeg process."""
-    # bicubic chroma upsampling with accurate rounding comes closest to DALI's decoder (mean 0.35 levels)
-    command = [*FFMPEG_QUIET, "-i", "pipe:", "-sws_flags", "bicubic+accurate_rnd+full_chroma_int",
-               "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:"]
-    result = subprocess.run(command, input=data, capture_output=True, check=False)
-    frame = height * width * 3
-    if result.returncode != 0 or not result.stdout or len(result.stdout) % frame:
-        message = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no frames"]
-        raise DecodeError(f"video does not decode to {height}x{width} frames: {message[0]}")
-    return np.frombuffer(result.stdout, dtype=np.uint8).reshape(-1, height, width, 3)
+    """Every frame of an encoded clip (VP8/VP9/MJPEG/H.264 in its container) as (T, H, W, 3) uint8 RGB,
+    decoded in this process by PyAV with one codec thread (a loader runs one decoder per worker or thread)."""
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise DecodeError("member has no video stream")
+            stream = container.streams.video[0]
+            stream.thread_count = DECODE_THREADS
+            to_rgb = VideoReformatter()  # one scaler context per clip, not one per frame
+            frames = [to_rgb.reformat(frame, format="rgb24", interpolation=RGB_INTERPOLATION, threads=1).to_ndarray()
+                      for frame in container.decode(stream)]
+    except (av.error.FFmpegError, ValueError, IndexError) as error:
+        raise DecodeError(f"video does not decode: {_pyav_message(error)}") from None
+    if not frames:
+        raise DecodeError("video decodes to no frames")
+    if frames[0].shape != (height, width, 3):
+        raise DecodeError(f"video decodes to {frames[0].shape[0]}x{frames[0].shape[1]} frames, dataset.json says "
+                          f"{height}x{width}; rebuild the shards or fix dataset.json")
+    return np.stack(frames)
 
 
 def decode_audio(data: bytes, *, sample_rate: int) -> np.ndarray:
-    """Mono float32 waveform in [-1, 1): WAV by the standard library, anything else (FLAC) by ffmpeg."""
+    """Mono float32 waveform in [-1, 1): 16-bit WAV at `sample_rate` by the standard library, anything else
+    (FLAC, other WAV) by PyAV in this process, resampled to 16-bit mono at `sample_rate`."""
     if data[:4] == b"RIFF":
         try:
             with wave.open(io.BytesIO(data)) as reader:
@@ -53,11 +71,22 @@ def decode_audio(data: bytes, *, sample_rate: int) -> np.ndarray:
                     return _downmix(pcm, reader.getnchannels())
         except (wave.Error, EOFError) as error:
             raise DecodeError(f"WAV does not decode: {error}") from None
-    command = [*FFMPEG_QUIET, "-i", "pipe:", "-f", "s16le", "-ac", "1", "-ar", str(sample_rate), "pipe:"]
-    result = subprocess.run(command, input=data, capture_output=True, check=False)
-    if result.returncode != 0:
-        raise DecodeError(f"audio does not decode: {result.stderr.decode(errors='replace').strip()[-200:]}")
-    return _downmix(np.frombuffer(result.stdout, "<i2"), 1)
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.audio:
+                raise DecodeError("member has no audio stream")
+            to_mono = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
+            parts = [out.to_ndarray().reshape(-1) for frame in container.decode(container.streams.audio[0])
+                     for out in to_mono.resample(frame)]
+            parts += [out.to_ndarray().reshape(-1) for out in to_mono.resample(None)]
+    except (av.error.FFmpegError, ValueError) as error:
+        raise DecodeError(f"audio does not decode: {_pyav_message(error)}") from None
+    return _downmix(np.concatenate(parts) if parts else np.zeros(0, "<i2"), 1)
+
+
+def _pyav_message(error: Exception) -> str:
+    """PyAV's message without its errno prefix, e.g. 'Invalid data found when processing input'."""
+    return re.sub(r"^\[Errno -?\d+\] ", "", str(error)) or type(error).__name__
 
 
 def _downmix(pcm: np.ndarray, channels: int) -> np.ndarray:
@@ -123,11 +152,17 @@ def _power_spectrogram(x: torch.Tensor, window: int, hop: int, nfft: int) -> tor
 
 
 def normalize_video(frames: np.ndarray, *, start: int, count: int, flip: bool) -> torch.Tensor:
-    """(T_s, H, W, 3) uint8 -> (3, count, H, W) float32 from frame `start`, optionally mirrored."""
-    clip = torch.from_numpy(frames[start:start + count].copy())
+    """(T_s, H, W, 3) uint8 -> (3, count, H, W) float32 from frame `start`, optionally mirrored.
+
+    The channels are moved to the front while the pixels are still bytes (a quarter of the memory a float
+    permute would stride through), then one conversion and two in-place passes give ((x - mean) / std) with
+    the same float32 operations as before, without temporaries (at 224x224x16 the float permute alone cost
+    more than decoding the clip)."""
+    clip = frames[start:start + count]
     if flip:
-        clip = clip.flip(2)
-    return ((clip.float() - VIDEO_MEAN) / VIDEO_STD).permute(3, 0, 1, 2).contiguous()
+        clip = clip[:, :, ::-1]
+    planar = np.ascontiguousarray(clip.transpose(3, 0, 1, 2))  # (3, count, H, W) uint8
+    return torch.from_numpy(planar).float().sub_(VIDEO_MEAN).div_(VIDEO_STD)
 
 
 def normalize_depth(depth: np.ndarray, *, max_value: float, start: int, count: int, flip: bool) -> torch.Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batch import Batch
-from .config import LoaderConfig, check_augment
+from .config import LOADER_BACKENDS, LoaderConfig, check_augment
 from .dataset import DatasetInfo
 from .order import epoch_order, eval_part, train_part, train_steps
 from .samples import RateLimitedLog
@@ -22,7 +22,7 @@ from .source import SampleReader
 __all__ = ["BaseLoader", "make_loader", "STATE_VERSION", "BACKENDS"]
 
 STATE_VERSION = 1
-BACKENDS = ("auto", "dali", "wds")
+BACKENDS = LOADER_BACKENDS
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
-"""The DALI-free loader: samples read with webdataset's URL openers (or by offset), decoded by ffmpeg,
-the standard library and torch in DataLoader worker processes, one whole batch per worker task.
+"""The DALI-free loader: samples read with webdataset's URL openers (or by offset), decoded in-process by
+PyAV (libav, one codec thread), the standard library and torch in DataLoader worker processes, one whole
+batch per worker task; no process is started per clip.
 
     (epoch, step) --sampler--> worker: plan -> read (corrupt: replace) -> decode -> collate -> Batch
 """
@@ -120,7 +121,9 @@ class _BatchTasks(torch.utils.data.Dataset):
 
     def _collate(self, samples: list[RawSample], rows: list[tuple]) -> Batch:
         names = list(self.modalities)
-        inputs = {m: torch.stack([r[0][m] for r in rows]) for m in names}
+        # default_collate stacks straight into shared memory in a worker: the batch is not copied again to
+        # reach the training process (38 MB of fresh pages per 16 clips at 112x112x16)
+        inputs = {m: torch.utils.data.default_collate([r[0][m] for r in rows]) for m in names}
         present = {m: torch.tensor([r[1][m] for r in rows], dtype=torch.bool) for m in names}
         lengths = {m: torch.tensor([r[2][m] for r in rows], dtype=torch.int64) for m in names if m in rows[0][2]}
         labels = encode_labels([s.meta for s in samples], self.label)

@@ -139,6 +139,8 @@ def test_config_errors_name_the_field(rich_shards):
         make_loader(info, "train", LoaderConfig(augment={"audio": {"hflip": 0.5}}), training=True)
     with pytest.raises(ValueError, match="backend"):
         make_loader(info, "train", LoaderConfig(), training=True, backend="torch")
+    with pytest.raises(ValueError, match="loader.backend must be one of auto, dali, wds"):
+        LoaderConfig(backend="ffmpeg")
 
 
 def test_auto_backend_falls_back_without_dali(tiny_shards, monkeypatch):

@@ -182,3 +182,31 @@ def test_npy_members_read_from_many_threads_come_back_intact():
     with ThreadPoolExecutor(8) as pool:
         back = list(pool.map(read_npy, blobs))
     assert all(np.array_equal(a, b) and b.dtype == np.uint8 for a, b in zip(arrays, back))
+
+
+def test_pyav_decodes_every_stored_codec_in_process(tiny_shards, h264_shards, monkeypatch):
+    """No process per clip: decoding works with subprocesses forbidden, and a bad member names its problem."""
+    import subprocess
+
+    from pipeline.decode import DecodeError, decode_audio, decode_video
+    from pipeline.source import SampleReader
+    from tests.pipeline_fixtures import flac_from_wav
+
+    members = [SampleReader(load_dataset_info(s).shards("val")).read(0).members for s in (tiny_shards, h264_shards)]
+    flac = flac_from_wav(members[0]["audio.wav"])
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a decoder started a process")
+
+    monkeypatch.setattr(subprocess, "run", forbidden)
+    monkeypatch.setattr(subprocess, "Popen", forbidden)
+    for clip in (members[0]["rgb.webm"], members[1]["rgb.mp4"]):
+        assert decode_video(clip, height=32, width=32).shape == (8, 32, 32, 3)
+    wav = decode_audio(members[0]["audio.wav"], sample_rate=16000)
+    assert np.array_equal(decode_audio(flac, sample_rate=16000), wav)  # FLAC is lossless
+    with pytest.raises(DecodeError, match="dataset.json says 64x64"):
+        decode_video(members[0]["rgb.webm"], height=64, width=64)
+    with pytest.raises(DecodeError, match="video does not decode"):
+        decode_video(b"not a clip at all", height=32, width=32)
+    with pytest.raises(DecodeError, match="audio does not decode"):
+        decode_audio(b"not audio either", sample_rate=16000)

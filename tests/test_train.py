@@ -55,6 +55,22 @@ def test_one_epoch_in_each_mode_then_eval_writes_json(tiny_shards, tmp_path, mod
         assert len(hits) == score["samples"] and sum(hits) / len(hits) == pytest.approx(score["accuracy"])
 
 
+def test_loader_backend_picks_the_training_loader_and_the_epoch_line_reports_the_data_wait(tiny_shards, tmp_path,
+                                                                                           monkeypatch):
+    import re
+
+    from pipeline import loader as loaders
+
+    chosen = []
+    original = loaders.make_loader
+    monkeypatch.setattr("ops.train.make_loader", lambda *a, **k: chosen.append(k["backend"]) or original(*a, **k))
+    result = _train(tiny_shards, tmp_path / "wds", "--mode", "unimodal", "--modalities", "audio",
+                    "--set", "loader.backend=wds", "--set", "loader.workers=0")
+    assert chosen and set(chosen) == {"wds"}
+    wait = re.findall(r"epoch 1/1 .* samples/s  data wait ([\d.]+)%", result.output)
+    assert wait and 0.0 <= float(wait[0]) <= 100.0
+
+
 def test_the_validation_guard_stops_transfer_to_a_student_the_teacher_does_not_lead(tiny_shards, tmp_path):
     run = tmp_path / "guarded"  # a margin of 0.99 asks the teacher for 1% of the student's error: never met
     _train(tiny_shards, run, "--epochs", "2", "--transfer-start", "0", "--transfer-warmup", "0",
