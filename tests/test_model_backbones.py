@@ -208,9 +208,10 @@ def test_share_until_names_the_valid_stages():
         ModalitySpec("rgb", "video", {"in_channels": 3}, encoder_name="r2plus1d_18", share_until="layer5")
 
 
-def test_cotraining_with_a_torchvision_backbone_learns(tiny_shards, tmp_path):
+def test_cotraining_with_a_torchvision_backbone_learns(tiny_shards, synthetic_manifest, tmp_path):
     """mc3_18 for rgb (random weights), split after layer3, stem to layer2 frozen (which also keeps the backward
-    pass short), 4 of the 8 frames; 3 epochs of 3 steps. Measured: rgb task loss 1.82, 1.47, 1.03."""
+    pass short), 4 of the 8 frames; 3 epochs of 3 steps. Measured: rgb task loss 1.82, 1.47, 1.03. Then the rgb
+    branch is exported and predicts on raw clips as the loader fed it."""
     from click.testing import CliRunner
 
     from ops.cli import main
@@ -228,6 +229,34 @@ def test_cotraining_with_a_torchvision_backbone_learns(tiny_shards, tmp_path):
     assert losses[-1] < 1.4 < losses[0], losses  # ln 6 = 1.79 at chance
     payload = torch.load(run / "model.pt", weights_only=False)
     assert {s["name"]: s["shared_stages"] for s in payload["specs"]}["rgb"] == 4
+    _exported_branch_predicts_raw_clips(main, run, tiny_shards, synthetic_manifest, tmp_path)
+
+
+def _exported_branch_predicts_raw_clips(main, run, shards, manifest, tmp_path):
+    """`cotrain export` then `cotrain predict` on raw clips: the probabilities are the exported branch's on the
+    clips the loader decodes (the backbone's input normalisation and the run's frame count travel with it)."""
+    from click.testing import CliRunner
+
+    from ops.predict import preprocess
+    from pipeline.dali_loader import DaliLoader, LoaderConfig
+    from pipeline.dataset import load_dataset_info
+
+    out = tmp_path / "rgb.pt"
+    result = CliRunner().invoke(main, ["export", "--run", str(run), "--modality", "rgb", "--format", "torchscript",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    records = {r["key"]: r for r in map(json.loads, manifest.read_text().splitlines())}
+    batch = next(iter(DaliLoader(load_dataset_info(shards), "test", LoaderConfig(batch_size=2, video_frames=4),
+                                 training=False, modalities=["rgb"])))
+    files = [str(manifest.parent / records[key]["rgb"]) for key in batch.keys]
+    exported = ExportedModel(out)
+    (x,) = preprocess(exported.meta, files[0])
+    assert torch.allclose(x, batch.inputs["rgb"][:1], atol=1e-4)
+    result = CliRunner().invoke(main, ["predict", str(out), *files, "--json"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    probabilities = torch.tensor([list(a["probabilities"].values()) for a in json.loads(result.output)])
+    expected = torch.softmax(exported(batch.inputs["rgb"]).float(), dim=-1)
+    assert torch.allclose(probabilities, expected, atol=1e-4), (probabilities - expected).abs().max()
 
 
 def test_the_gesture_preset_loads_kinetics_weights_into_rgb_and_depth(hub_dir):
