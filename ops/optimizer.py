@@ -37,10 +37,11 @@ class BranchClippedAdamW(torch.optim.AdamW):
     ZeRO stages 1-3 and its bf16 optimizer flatten each group and give every rank a slice), so a group's squared
     norm is summed over the ranks; with ZeRO stage 0 in fp32 every rank holds the whole averaged gradient."""
 
-    def __init__(self, groups: list[dict], *, max_norm: float, partitioned: bool, **adamw):
+    def __init__(self, groups: list[dict], *, max_norm: float, partitioned: bool, process_group=None, **adamw):
         super().__init__(groups, **adamw)
         self.max_norm = float(max_norm)
         self.partitioned = partitioned
+        self.process_group = process_group  # the ranks that hold the slices (None: the default group)
         self.last_norms: dict[str, float] = {}
 
     @torch.no_grad()
@@ -59,7 +60,9 @@ class BranchClippedAdamW(torch.optim.AdamW):
         per_group = torch.stack([_sum_of_squares(gs, device) for gs in grads])
         squares = torch.zeros(len(branches), device=device).index_add_(
             0, torch.tensor([branches.index(n) for n in names], device=device), per_group)
-        if self.partitioned and dist.is_available() and dist.is_initialized():
+        if self.partitioned and self.process_group is not None:
+            self.process_group.allreduce([squares]).wait()
+        elif self.partitioned and dist.is_available() and dist.is_initialized():
             dist.all_reduce(squares)
         norms = squares.sqrt()
         scales = (self.max_norm / (norms + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ formula

@@ -3,6 +3,7 @@ where NVDEC can, the torch build chosen from nvidia-smi, the refusal to train on
 read-back once per interval, and the GPU check's and the loop benchmark's CPU modes."""
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -92,7 +93,7 @@ def test_validation_decodes_on_the_gpu_and_the_zero3_copy_has_the_engine_dtype(t
                               engine=SimpleNamespace(device=torch.device("cpu")), dtype=torch.bfloat16)
     from ops.train import _specs
     trainer.specs, trainer.task = _specs(cfg, trainer.modalities), "class"
-    trainer._build_model = lambda: Trainer._build_model(trainer)
+    trainer._build_model = lambda **kw: Trainer._build_model(trainer, **kw)
     with pytest.warns(UserWarning, match="NVDEC"):  # 32x32 clips: decoded on the CPU, then copied to the GPU
         loader, copy = Trainer._make_validation(trainer)
     assert loader.device_id == 0
@@ -227,7 +228,7 @@ def test_training_refuses_the_cpu_when_nvidia_smi_sees_a_gpu_torch_cannot_use(tm
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # what a CUDA 13 build does on a 12.x driver
     monkeypatch.setenv("PATH", f"{_fake_nvidia_smi(tmp_path / 'bin', '550.54.15', '12.4')}:{os.environ['PATH']}")
-    with pytest.raises(GpuUnusableError, match=r"NVIDIA H100.*driver 550\.54\.15.*torch 2\.13\.0.*--device cpu"):
+    with pytest.raises(GpuUnusableError, match=r"NVIDIA H100.*driver 550\.54\.15.*torch " + re.escape(torch.__version__) + ".*--device cpu"):
         check_torch_sees_gpu("auto")
     check_torch_sees_gpu("cpu")  # the CPU on purpose
     result = CliRunner().invoke(main, ["train", "--shards", str(tiny_shards), "--out", str(tmp_path / "run"),
