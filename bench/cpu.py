@@ -7,11 +7,13 @@ is kept, so a worker that exits before the end (a pool closing) still counts, sh
 """
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 import psutil
 
-__all__ = ["CpuMeter", "TICK"]
+__all__ = ["CpuMeter", "TICK", "machine_report", "RATIOS_NOTE"]
 
 TICK = 0.01
 
@@ -52,3 +54,14 @@ class CpuMeter:
         self._last.update(self._read())
         # at least one clock tick (psutil's resolution), so a rate over a tiny section is finite
         self.seconds = max(sum(t - self._start.get(pid, 0.0) for pid, t in self._last.items()), TICK)
+
+
+RATIOS_NOTE = ("one run; absolute rates drift on a shared machine, compare the ratios (measured in the same rounds). "
+               "Scaling 1 -> 2 processes needs 2 idle cores: a loaded machine distorts it")
+
+
+def machine_report(load_before: tuple[float, ...], started: float) -> dict:
+    """The machine a benchmark ran on: cores, load average before and after, and its wall seconds since `started`."""
+    return {"cpu_count": os.cpu_count(), "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "seconds": round(time.perf_counter() - started, 1)}

@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import av  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.cpu import CpuMeter  # noqa: E402
+from bench.cpu import RATIOS_NOTE, CpuMeter, machine_report  # noqa: E402
+from bench.sources import add_corpus_options  # noqa: E402
 from pipeline import LoaderConfig, load_dataset_info, make_loader  # noqa: E402
 
 GOALS = {"dali_vs_floor": 0.9, "wds_vs_floor": 0.8, "scaling_1_to_2": 1.7}
@@ -196,19 +197,12 @@ def run(*, sources: int, width: int, height: int, seconds: float, sizes: str, fr
                         "codec": "h264 + aac"},
             "shards": "vp9 + wav (16 kHz, 1 s), 8 fps", "batch_size": batch_size, "sizes": by_size,
             "goals": GOALS, "goals_met": goals_met(by_size),
-            "machine": {"cpu_count": os.cpu_count(), "load_average_before": [round(x, 2) for x in load_before],
-                        "load_average_after": [round(x, 2) for x in os.getloadavg()],
-                        "seconds": round(time.perf_counter() - started, 1)},
-            "note": "one run; absolute rates drift on a shared machine, compare the ratios (measured in the same "
-                    "rounds). Scaling 1 -> 2 processes needs 2 idle cores: a loaded machine distorts it"}
+            "machine": machine_report(load_before, started), "note": RATIOS_NOTE}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a few tiny sources and one size (seconds)")
-    parser.add_argument("--sources", type=int, help=f"camera-like sources (default {FULL['sources']})")
-    parser.add_argument("--sizes", help=f"comma-separated square sizes (default {FULL['sizes']})")
-    parser.add_argument("--rounds", type=int, help=f"interleaved rounds (default {FULL['rounds']})")
+    add_corpus_options(parser, FULL)
     parser.add_argument("--batch-size", type=int, help=f"samples per batch (default {FULL['batch_size']})")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/cotrain-bench"),
                         help="where sources and shards are kept between runs")

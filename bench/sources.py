@@ -21,7 +21,7 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-__all__ = ["write_sources", "FPS", "AUDIO_RATE"]
+__all__ = ["write_sources", "FPS", "AUDIO_RATE", "add_corpus_options"]
 
 FPS, AUDIO_RATE = 30, 48000
 
@@ -116,3 +116,12 @@ def _encode_audio(container, stream, pcm: np.ndarray) -> None:
         frame.sample_rate, frame.pts, frame.time_base = AUDIO_RATE, start, Fraction(1, AUDIO_RATE)
         container.mux(stream.encode(frame))
     container.mux(stream.encode())
+
+
+def add_corpus_options(parser, full: dict) -> None:
+    """The options the loader and builder benchmarks share: --quick, and how many sources, which sizes and how
+    many interleaved rounds (defaults from `full`)."""
+    parser.add_argument("--quick", action="store_true", help="a few tiny sources and one size (seconds)")
+    parser.add_argument("--sources", type=int, help=f"camera-like sources (default {full['sources']})")
+    parser.add_argument("--sizes", help=f"comma-separated square sizes (default {full['sizes']})")
+    parser.add_argument("--rounds", type=int, help=f"interleaved rounds (default {full['rounds']})")
