@@ -28,8 +28,8 @@ from torch import nn
 from .encoders import StagedEncoder, Stages, TransformerStage, build_encoder, masked_mean, tokens_of
 from .tasks import TASKS, late_fusion
 
-__all__ = ["seeded", "ModalitySpec", "split_index", "StageLayout", "FusionConfig", "CoTrainModel", "StudentBranch", "MultimodalBranch", "MODES",
-           "TASKS", "TEACHER", "TRANSFORMER", "LATE_FUSION", "build_model", "encoder_width", "combine_teacher"]
+__all__ = ["seeded", "ModalitySpec", "split_index", "StageLayout", "FusionConfig", "CoTrainModel", "StudentBranch",
+           "MultimodalBranch", "MODES", "TASKS", "TEACHER", "TRANSFORMER", "LATE_FUSION", "build_model", "encoder_width", "combine_teacher"]
 
 MODES = ("cotrain", "unimodal", "multimodal")
 TEACHER = "multimodal"

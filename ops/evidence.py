@@ -34,20 +34,22 @@ def _band(value: float) -> int:
     return next(i for i, (low, high) in enumerate(BANDS) if value < high or i == len(BANDS) - 1)
 
 
-def accuracy_by_band(runs: list[Path], branch: str, modality: str, visibility: dict, split: str = "test"
-                     ) -> list[tuple[int, int]]:
-    """(correct, samples) per band of `modality`'s visibility, pooled over `runs` (seeds), for `branch`'s
-    argmax on `split` (class tasks)."""
-    counts = [[0, 0] for _ in BANDS]
+def accuracy_by_band(runs: list[Path], branches: list[str], modality: str, visibility: dict, split: str = "test"
+                     ) -> dict[str, list[tuple[int, int]]]:
+    """branch -> (correct, samples) per band of `modality`'s visibility, pooled over `runs` (seeds), for each of
+    `branches`' argmax on `split` (class tasks); each run's predictions are read once."""
+    counts = {branch: [[0, 0] for _ in BANDS] for branch in branches}
     for run in runs:
         for key, row in read_predictions(Path(run) / f"predictions-{split}.jsonl").items():
-            outputs = row["outputs"].get(branch)
-            if outputs is None or key not in visibility or modality not in visibility[key]:
+            if key not in visibility or modality not in visibility[key]:
                 continue
-            band = counts[_band(visibility[key][modality])]
-            band[0] += int(max(range(len(outputs)), key=outputs.__getitem__) == row["label"])
-            band[1] += 1
-    return [tuple(c) for c in counts]
+            band = _band(visibility[key][modality])
+            for branch in branches:
+                outputs = row["outputs"].get(branch)
+                if outputs is not None:
+                    counts[branch][band][0] += int(max(range(len(outputs)), key=outputs.__getitem__) == row["label"])
+                    counts[branch][band][1] += 1
+    return {branch: [tuple(c) for c in per_band] for branch, per_band in counts.items()}
 
 
 def band_table(rows: dict[str, dict[str, list[tuple[int, int]]]]) -> list[str]:

@@ -392,9 +392,9 @@ def _visibility_rows(cells: list[Cell]) -> dict | None:
         return None
     rows = {}
     for student in sorted(b for b in _scores(runs["cotrain"][0], "test")["branches"] if "/" not in b and b != TEACHER):
-        rows[student] = {"alone": accuracy_by_band(runs[f"unimodal/{student}"], student, student, visibility),
-                         "co-trained": accuracy_by_band(runs["cotrain"], student, student, visibility),
-                         "co-trained teacher": accuracy_by_band(runs["cotrain"], TEACHER, student, visibility)}
+        alone = accuracy_by_band(runs[f"unimodal/{student}"], [student], student, visibility)
+        co = accuracy_by_band(runs["cotrain"], [student, TEACHER], student, visibility)
+        rows[student] = {"alone": alone[student], "co-trained": co[student], "co-trained teacher": co[TEACHER]}
     return rows
 
 

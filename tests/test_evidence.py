@@ -22,7 +22,7 @@ def test_accuracy_is_pooled_over_seeds_per_band_of_the_modality_visibility(tmp_p
     right, wrong = [0.0, 5.0], [5.0, 0.0]  # argmax 1 / argmax 0; every label is 1
     seed0 = _run(tmp_path / "s0", [("a", 1, wrong), ("b", 1, right), ("c", 1, right), ("d", 1, right)])
     seed1 = _run(tmp_path / "s1", [("a", 1, wrong), ("b", 1, wrong), ("c", 1, wrong), ("d", 1, right)])
-    counts = accuracy_by_band([seed0, seed1], "audio", "audio", visibility)
+    counts = accuracy_by_band([seed0, seed1], ["audio"], "audio", visibility)["audio"]
     assert len(counts) == len(BANDS)
     assert counts[0] == (1, 4) and counts[2] == (1, 2) and counts[-1] == (2, 2) and counts[1] == (0, 0)
     table = band_table({"audio": {"alone": counts}})

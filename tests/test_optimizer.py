@@ -89,3 +89,26 @@ def test_groups_of_one_branch_share_its_norm():
     opt._clip_each_group()
     assert torch.allclose(torch.cat([big.grad, small.grad]).norm(), torch.tensor(1.0), atol=1e-5)
     assert list(opt.last_norms) == ["a"]
+
+
+def test_deepspeed_steps_with_the_branch_clipped_optimizer_when_the_config_asks_for_it():
+    """clip_scope 'branch' reaches training: build_engine hands DeepSpeed a BranchClippedAdamW with one group per
+    branch and DeepSpeed's own clipping off; a step clips each branch."""
+    from ops.config import RunConfig, deepspeed_config
+    from ops.engine import build_engine, init_distributed
+
+    init_distributed(1)
+    cfg = RunConfig(shards="s", out="o")
+    cfg.optim.clip_scope = "branch"
+    model = build_model(SPECS, 4, mode="cotrain", students=["rgb"])
+    engine, _ = build_engine(model, deepspeed_config(cfg, total_steps=4, bf16=False))
+    optimizer = engine.optimizer
+    assert isinstance(optimizer, BranchClippedAdamW) and optimizer.max_norm == cfg.optim.grad_clip
+    assert {g["branch"] for g in optimizer.param_groups} == {"rgb", "multimodal/rgb", "multimodal/audio", "multimodal"}
+    g = torch.Generator().manual_seed(0)
+    inputs = {"rgb": torch.randn(2, 3, 4, 16, 16, generator=g), "audio": torch.randn(2, 10, 16, generator=g)}
+    present = {m: torch.ones(2, dtype=torch.bool) for m in inputs}
+    logits = engine(inputs, present)
+    engine.backward(sum(out.square().sum() for out in logits.values()) * 100)
+    engine.step()
+    assert set(optimizer.last_norms) == {"rgb", "multimodal/rgb", "multimodal/audio", "multimodal"}
