@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .encoders import StagedEncoder, Stages, TransformerStage, build_encoder, masked_mean, tokens_of
+from .encoders import (StagedEncoder, Stages, TransformerStage, build_encoder, default_pool, masked_max, masked_mean,
+                       tokens_of)
 from .tasks import TASKS, late_fusion
 
 __all__ = ["seeded", "ModalitySpec", "split_index", "StageLayout", "FusionConfig", "CoTrainModel", "StudentBranch",
@@ -38,6 +39,8 @@ TRANSFORMER = f"{TEACHER}/transformer"
 LATE_FUSION = f"{TEACHER}/late_fusion"
 """The late fusion of the teacher's streams (with fusion.late_fusion); trained only where its gates are learned."""
 POOLINGS = ("mean", "cls")
+POOLS = ("mean", "max", "attention")
+"""How a unimodal branch pools its tokens (ModalitySpec.pool)."""
 LATE_FUSION_WEIGHTS = ("equal", "learned")
 
 
@@ -54,9 +57,11 @@ class ModalitySpec:
     branches meet only through knowledge transfer)."""
     encoder_name: str | None = None
     """Registered encoder of this kind (model/encoders.py ENCODERS); None = the kind's default."""
-    pool: str = "mean"
-    """How the unimodal branch pools its tokens: 'mean' or 'attention' (a learned softmax over tokens,
-    which attention-level transfer can then align with the teacher's)."""
+    pool: str | None = None
+    """How the unimodal branch pools its tokens: 'mean', 'max' or 'attention' (a learned softmax over tokens,
+    which attention-level transfer can then align with the teacher's); None = the encoder's default
+    (model/encoders.py default_pool: max for the from-scratch cnn3d, mean otherwise). The teacher's stream of
+    this modality pools the same way ('attention' streams by mean)."""
     share_until: str | None = None
     """Share the encoder's stages up to and including the one of this name (its `stage_names`, e.g. layer2);
     set, it decides shared_stages (resolved when the spec is made)."""
@@ -67,6 +72,8 @@ class ModalitySpec:
     """Learning-rate multiplier of this encoder's pretrained stages; None = optim.pretrained_lr_mult."""
 
     def __post_init__(self):
+        if self.pool is None:
+            self.pool = default_pool(self.kind, self.encoder_name)
         if self.share_until is not None:
             self.shared_stages = split_index(self, self._stage_names())
 
@@ -219,12 +226,13 @@ class StudentBranch(nn.Module):
 
     def __init__(self, rest: nn.Module, width: int, num_classes: int, pool: str = "mean"):
         super().__init__()
-        if pool not in ("mean", "attention"):
-            raise ValueError(f"a modality's pool must be 'mean' or 'attention', got {pool!r}")
+        if pool not in POOLS:
+            raise ValueError(f"a modality's pool must be one of {', '.join(POOLS)}, got {pool!r}")
         self.rest = rest
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_classes)
         self.score = nn.Linear(width, 1) if pool == "attention" else None
+        self.pool = pool
 
     def encode(self, shared: torch.Tensor, valid: torch.Tensor | None,
                want_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -246,7 +254,7 @@ class StudentBranch(nn.Module):
             attention = torch.softmax(scores, dim=-1)
             pooled = (attention.unsqueeze(-1) * tokens).sum(dim=1)
         else:
-            pooled = masked_mean(tokens, valid)
+            pooled = masked_max(tokens, valid) if self.pool == "max" else masked_mean(tokens, valid)
             if block is not None:
                 attention = _query_mean(block.attention, valid)
         return self.norm(pooled), attention
@@ -291,9 +299,11 @@ class MultimodalBranch(nn.Module):
     """Per-modality stages of its own, then one Transformer over the tokens of all modalities."""
 
     def __init__(self, rests: dict[str, nn.Module], widths: dict[str, int], num_classes: int, cfg: FusionConfig,
-                 task: str = "class"):
+                 task: str = "class", pools: dict[str, str] | None = None):
         super().__init__()
         self.order = list(rests)
+        # each stream pools like its modality's student ('attention' has no scorer here: mean)
+        self.stream_max = {m for m, how in (pools or {}).items() if how == "max"}
         self.rests = nn.ModuleDict(rests)
         self.proj = nn.ModuleDict({m: nn.Linear(widths[m], cfg.dim) for m in self.order})
         self.modality_embed = nn.Parameter(torch.randn(len(self.order), cfg.dim) * 0.02) \
@@ -348,7 +358,7 @@ class MultimodalBranch(nn.Module):
             raise ValueError(f"modality {m!r} yields {length} tokens; raise fusion.max_tokens to at least {length}")
         stream = None
         if self.stream_heads is not None:  # gates exist only with stream heads (late fusion needs stream_loss)
-            pooled = masked_mean(tokens, valid)
+            pooled = masked_max(tokens, valid) if m in self.stream_max else masked_mean(tokens, valid)
             stream = self.stream_heads[m](pooled)
             if self.stream_gates is not None:
                 gates[m] = self.stream_gates[m](pooled.detach())
@@ -524,7 +534,8 @@ class CoTrainModel(nn.Module):
         self.teacher = None
         if mode != "unimodal":
             with seeded(init_seed, "teacher/fusion"):
-                self.teacher = MultimodalBranch(teacher_rests, widths, num_classes, fusion, task)
+                self.teacher = MultimodalBranch(teacher_rests, widths, num_classes, fusion, task,
+                                                {s.name: s.pool for s in specs})
         self.feature_proj = None
         if feature_transfer and self.teacher is not None and self.students:
             self.feature_proj = nn.ModuleDict()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 __all__ = ["StagedEncoder", "Stages", "run_stages", "build_encoder", "ENCODERS", "tokens_of", "masked_mean",
-           "TransformerStage"]
+           "masked_max", "TransformerStage", "default_pool"]
 
 
 def _groups(channels: int) -> int:
@@ -98,6 +98,13 @@ def build_video_cnn3d(*, in_channels: int = 3, widths: tuple[int, ...] = (16, 32
         stages.append(_conv3d_block(c_in, width, stride))
         c_in = width
     return StagedEncoder(stages, list(widths), kind="video")
+
+
+# Pooled by max by default (ModalitySpec.pool): a small object (a hand, a moving blob) covers few of the
+# feature map's positions, so a mean over all of them dilutes both its evidence and its gradient; trained from
+# scratch the branch then sat at chance for 4 to 15 epochs on 2 of 3 seeds (dev-5 of experiments/protocol.yaml),
+# and with max pooling it left chance within 3 epochs on every seed (docs/results-protocol.md).
+build_video_cnn3d.default_pool = "max"
 
 
 def build_audio_cnn1d(*, in_channels: int = 40, widths: tuple[int, ...] = (64, 128, 128)) -> StagedEncoder:
@@ -365,6 +372,13 @@ for _kind, _builders in (("audio", AUDIO_ENCODERS), ("text", TEXT_ENCODERS)):
                             for name, b in _builders.items()})
 
 
+def default_pool(kind: str, name: str | None = None) -> str:
+    """How a unimodal branch pools this encoder's tokens unless its config says otherwise: the builder's
+    `default_pool`, else 'mean' (what pretrained backbones were trained with)."""
+    builder = ENCODERS.get(kind, {}).get(name or next(iter(ENCODERS.get(kind, {})), ""))
+    return getattr(builder, "default_pool", "mean")
+
+
 def build_encoder(kind: str, name: str | None = None, *, load_weights: bool = True, **cfg) -> StagedEncoder:
     """Build a registered encoder; `name` defaults to the kind's first registered one. Encoders that take
     pretrained weights (option `weights`) read them unless `load_weights` is False (a model whose state dict is
@@ -422,6 +436,15 @@ def masked_mean(tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tenso
         return tokens.mean(dim=1)
     weights = valid.to(tokens.dtype).unsqueeze(-1)
     return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def masked_max(tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Max over L of (B, L, C) tokens, over valid (B, L) positions only (a row with none gives zeros)."""
+    if valid is None:
+        return tokens.amax(dim=1)
+    lowest = torch.finfo(tokens.dtype).min
+    pooled = tokens.masked_fill(~valid.unsqueeze(-1), lowest).amax(dim=1)
+    return torch.where(valid.any(dim=1, keepdim=True), pooled, torch.zeros_like(pooled))
 
 
 from . import backbones  # noqa: E402,F401 -- registers the torchvision backbones for video and depth

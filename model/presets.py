@@ -6,7 +6,7 @@ applies the preset, then the config file, then the command-line options. Their s
 architectures at a scale a single GPU trains in minutes; they were not tuned on the paper's corpora.
 
 `encoders` maps a modality kind (or, taking precedence, a modality name) to
-`{"name": registered encoder, "shared_stages": N or "share_until": stage name, "pool": "mean"|"attention",
+`{"name": registered encoder, "shared_stages": N or "share_until": stage name, "pool": "mean"|"max"|"attention",
 "freeze", "lr_mult", "check_frame_size", **encoder options}` (docs/model.md).
 """
 from __future__ import annotations
@@ -130,7 +130,7 @@ def modality_specs(modalities: dict[str, dict], shapes: dict[str, dict], *, shar
         if kind in ("video", "depth") and choice.get("name") in BACKBONES:
             _fit_backbone(name, modality, choice, options, video_frames)
         specs.append(ModalitySpec(name, kind, options, int(choice.get("shared_stages", shared_stages)),
-                                  choice.get("name"), choice.get("pool", "mean"), choice.get("share_until"),
+                                  choice.get("name"), choice.get("pool"), choice.get("share_until"),
                                   choice.get("freeze"), choice.get("lr_mult")))
     return specs
 

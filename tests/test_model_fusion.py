@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from model.cotrain import LATE_FUSION, TEACHER, TRANSFORMER, CoTrainModel, FusionConfig, ModalitySpec
+from model.encoders import masked_max, tokens_of
 from model.losses import TransferConfig, cotrain_losses, total_loss
 from model.tasks import TaskConfig
 from ops.train import choose_transformer_weight
@@ -224,3 +225,32 @@ def test_validation_chooses_the_best_weight_and_the_first_of_equals():
     assert choose_transformer_weight({"rgb": {"accuracy": 0.6}}, "class") is None
     with pytest.raises(ValueError, match="transformer_weights"):
         FusionConfig(transformer_weights=(-1.0,))
+
+
+def test_max_pooling_reads_only_valid_tokens_and_is_the_cnn3d_default():
+    tokens = torch.tensor([[[1.0, -5.0], [3.0, -1.0], [9.0, 9.0]], [[-2.0, 4.0], [0.0, 0.0], [0.0, 0.0]]])
+    valid = torch.tensor([[True, True, False], [False, False, False]])
+    assert masked_max(tokens, valid).tolist() == [[3.0, -1.0], [0.0, 0.0]]  # padding ignored; an empty row is 0
+    assert masked_max(tokens, None).tolist() == [[9.0, 9.0], [0.0, 4.0]]
+    assert ModalitySpec("rgb", "video", {}).pool == "max"  # small objects: a mean dilutes their evidence
+    assert ModalitySpec("rgb", "video", {}, encoder_name="resnet3d").pool == "mean"
+    assert ModalitySpec("rgb", "video", {}, pool="mean").pool == "mean"
+    with pytest.raises(ValueError, match="pool must be one of mean, max, attention"):
+        CoTrainModel([ModalitySpec("rgb", "video", {"widths": (4, 4, 8)}, pool="sum")], 3, mode="unimodal")
+
+
+def test_the_teachers_stream_pools_like_its_student():
+    torch.manual_seed(0)
+    specs = [ModalitySpec("rgb", "video", {"widths": (8, 8, 16)}), SPECS[3]]  # rgb by max, au by attention
+    model = CoTrainModel(specs, 3).eval()
+    inputs, present, lengths = _batch()
+    inputs, present = {m: inputs[m] for m in ("rgb", "au")}, {m: present[m] for m in ("rgb", "au")}
+    logits = model(inputs, present, lengths)
+    teacher = model.teacher
+    with torch.no_grad():
+        rgb = tokens_of(teacher.rests["rgb"](model.shared["rgb"](inputs["rgb"]), None))
+        student = model.students["rgb"]
+        student_tokens = tokens_of(student.rest(model.shared["rgb"](inputs["rgb"]), None))
+    assert torch.allclose(logits[f"{TEACHER}/rgb"], teacher.stream_heads["rgb"](masked_max(rgb, None)), atol=1e-5)
+    assert torch.allclose(logits["rgb"], student.head(student.norm(masked_max(student_tokens, None))), atol=1e-5)
+    assert teacher.stream_max == {"rgb"}  # the attention-pooled features stream pools by mean
