@@ -11,7 +11,6 @@ pooling became max the teacher's test score fell from 0.81 to 0.75, below audio'
 samples it stayed above every student. Measured (held-out): rgb 0.65, audio 0.81, teacher 0.85 (with mean pooling
 0.67, 0.81, 0.90); the test took 63 s on 2 cores shared with two training jobs.
 """
-"""
 import pytest
 
 from ops.config import MetricsConfig, RunConfig
