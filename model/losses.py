@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .cotrain import LATE_FUSION, TEACHER, TRANSFORMER
 from .tasks import TaskConfig, masked_mean as _masked_mean, sample_error, task_loss
 
-GATES = ("none", "teacher_correct", "teacher_better")
+GATES = ("none", "teacher_correct", "teacher_better", "stream_correct")
 GUARDS = ("none", "val")
 DISTANCES = ("l2", "l1")
 
@@ -50,7 +50,10 @@ class TransferConfig:
     multi-label, where every label is right; regression has no such gate and transfers on all samples);
     'teacher_better' (per student: where the teacher is right, as above, and its own error on the sample, by
     model.tasks.sample_error, is below the student's; for regression, where the teacher is closer to the
-    label than the student)."""
+    label than the student); 'stream_correct' (per student: where the teacher is right and so is the teacher's
+    stream of the student's own modality, a sign that the student's input shows the class: a lead that comes
+    from another modality's evidence is not pushed onto a student whose input lacks it; needs
+    fusion.stream_loss)."""
     guard: str = "val"
     """'val': after every validation, a student whose validation error is not at least guard_margin (a
     fraction) above the teacher's gets no transfer until a later validation says otherwise, because transfer
@@ -189,6 +192,8 @@ def cotrain_losses(logits: dict[str, torch.Tensor], labels: torch.Tensor, presen
         mask = present[branch] & trusted
         if transfer.gate == "teacher_better":
             mask = mask & _teacher_closer(logits[branch], logits[TEACHER], labels, task.type)
+        if transfer.gate == "stream_correct":
+            mask = mask & _trusted(_own_stream(logits, branch), labels, transfer.gate, task.type)
         if scale > 0:
             terms[f"{branch}_transfer_loss"] = scale * _decision(logits[branch], logits[TEACHER], transfer, task,
                                                                  mask)
@@ -248,6 +253,15 @@ def _trusted(teacher: torch.Tensor, labels: torch.Tensor, gate: str, task: str =
     if task == "multilabel":
         return ((teacher.detach() > 0) == (labels > 0.5)).all(dim=-1)
     return teacher.detach().argmax(dim=-1) == labels
+
+
+def _own_stream(logits: dict[str, torch.Tensor], branch: str) -> torch.Tensor:
+    """The teacher's stream of the student's modality (transfer.gate 'stream_correct')."""
+    stream = logits.get(f"{TEACHER}/{branch}")
+    if stream is None:
+        raise ValueError(f"transfer.gate 'stream_correct' reads the teacher's {branch} stream, and this model has "
+                         "none: set fusion.stream_loss true, or choose another transfer.gate")
+    return stream
 
 
 def _teacher_closer(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:

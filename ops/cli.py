@@ -78,9 +78,10 @@ RUN_OPTIONS = {
     "alpha": (dict(type=float, help="Weight of the decision-level transfer term."), "transfer.alpha"),
     "temperature": (dict(type=float, help="Softmax temperature of the transfer term."), "transfer.temperature"),
     "shared-stages": (dict(type=int, help="Encoder stages shared with the teacher."), "shared_stages"),
-    "transfer-gate": (dict(type=click.Choice(["none", "teacher_correct", "teacher_better"]),
-                           help="Transfer on every sample (none, the paper), only where the teacher is right, or "
-                                "where it is right and its error is below the student's."),
+    "transfer-gate": (dict(type=click.Choice(["none", "teacher_correct", "teacher_better", "stream_correct"]),
+                           help="Transfer on every sample (none, the paper), only where the teacher is right, "
+                                "where it is right and its error is below the student's, or where it and its "
+                                "stream of the student's modality are right."),
                       "transfer.gate"),
     "transfer-guard": (dict(type=click.Choice(["none", "val"]),
                             help="val: no transfer to a student the teacher does not beat on validation by "

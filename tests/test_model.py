@@ -119,6 +119,20 @@ def test_teacher_correct_gate_transfers_only_where_the_teacher_is_right():
     assert ungated.item() == pytest.approx(decision_transfer(student, teacher, 2.0, present["a"]).item())
 
 
+def test_stream_correct_gate_also_asks_the_students_own_modality_to_show_the_class():
+    teacher = torch.tensor([[5.0, 0.0], [5.0, 0.0], [0.0, 5.0]])  # right, right, wrong
+    own_stream = torch.tensor([[3.0, 0.0], [0.0, 3.0], [0.0, 3.0]])  # the student's modality: right, wrong, wrong
+    student = torch.tensor([[0.0, 5.0], [0.0, 5.0], [0.0, 5.0]])
+    labels = torch.tensor([0, 0, 0])
+    present = {"a": torch.ones(3, dtype=torch.bool)}
+    logits = {"a": student, TEACHER: teacher, f"{TEACHER}/a": own_stream}
+    gated = cotrain_losses(logits, labels, present, TransferConfig(gate="stream_correct"))["a_transfer_loss"]
+    assert gated.item() == pytest.approx(decision_transfer(student[:1], teacher[:1], 2.0, present["a"][:1]).item())
+    del logits[f"{TEACHER}/a"]
+    with pytest.raises(ValueError, match="fusion.stream_loss"):
+        cotrain_losses(logits, labels, present, TransferConfig(gate="stream_correct"))
+
+
 def test_teacher_better_gate_also_asks_the_teacher_to_beat_the_student_on_the_sample():
     from model.tasks import TaskConfig
 
@@ -212,3 +226,10 @@ def test_detached_streams_are_trained_by_their_own_losses_only():
     terms = cotrain_losses(model(inputs, present), labels, present, TransferConfig())
     terms[f"{TEACHER}_rgb_stream_loss"].backward()
     assert any(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in model.teacher.rests["rgb"].parameters())
+
+
+def test_the_command_line_offers_every_transfer_gate():
+    from model.losses import GATES
+    from ops.cli import RUN_OPTIONS
+
+    assert list(RUN_OPTIONS["transfer-gate"][0]["type"].choices) == list(GATES)  # ops/cli.py does not import torch
