@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .encoders import (StagedEncoder, Stages, TransformerStage, build_encoder, default_pool, masked_max, masked_mean,
+from .encoders import (StagedEncoder, Stages, TransformerStage, build_encoder, default_pool, masked_mean, pool_tokens,
                        tokens_of)
 from .tasks import TASKS, late_fusion
 
@@ -254,7 +254,7 @@ class StudentBranch(nn.Module):
             attention = torch.softmax(scores, dim=-1)
             pooled = (attention.unsqueeze(-1) * tokens).sum(dim=1)
         else:
-            pooled = masked_max(tokens, valid) if self.pool == "max" else masked_mean(tokens, valid)
+            pooled = pool_tokens(tokens, valid, self.pool)
             if block is not None:
                 attention = _query_mean(block.attention, valid)
         return self.norm(pooled), attention
@@ -303,7 +303,7 @@ class MultimodalBranch(nn.Module):
         super().__init__()
         self.order = list(rests)
         # each stream pools like its modality's student ('attention' has no scorer here: mean)
-        self.stream_max = {m for m, how in (pools or {}).items() if how == "max"}
+        self.stream_pools = {m: "max" if (pools or {}).get(m) == "max" else "mean" for m in self.order}
         self.rests = nn.ModuleDict(rests)
         self.proj = nn.ModuleDict({m: nn.Linear(widths[m], cfg.dim) for m in self.order})
         self.modality_embed = nn.Parameter(torch.randn(len(self.order), cfg.dim) * 0.02) \
@@ -358,7 +358,7 @@ class MultimodalBranch(nn.Module):
             raise ValueError(f"modality {m!r} yields {length} tokens; raise fusion.max_tokens to at least {length}")
         stream = None
         if self.stream_heads is not None:  # gates exist only with stream heads (late fusion needs stream_loss)
-            pooled = masked_max(tokens, valid) if m in self.stream_max else masked_mean(tokens, valid)
+            pooled = pool_tokens(tokens, valid, self.stream_pools[m])
             stream = self.stream_heads[m](pooled)
             if self.stream_gates is not None:
                 gates[m] = self.stream_gates[m](pooled.detach())

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 __all__ = ["StagedEncoder", "Stages", "run_stages", "build_encoder", "ENCODERS", "tokens_of", "masked_mean",
-           "masked_max", "TransformerStage", "default_pool"]
+           "masked_max", "pool_tokens", "TransformerStage", "default_pool"]
 
 
 def _groups(channels: int) -> int:
@@ -436,6 +436,11 @@ def masked_mean(tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tenso
         return tokens.mean(dim=1)
     weights = valid.to(tokens.dtype).unsqueeze(-1)
     return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def pool_tokens(tokens: torch.Tensor, valid: torch.Tensor | None, how: str) -> torch.Tensor:
+    """(B, L, C) tokens -> (B, C) by 'max' or 'mean' over the valid positions."""
+    return masked_max(tokens, valid) if how == "max" else masked_mean(tokens, valid)
 
 
 def masked_max(tokens: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:

@@ -253,4 +253,4 @@ def test_the_teachers_stream_pools_like_its_student():
         student_tokens = tokens_of(student.rest(model.shared["rgb"](inputs["rgb"]), None))
     assert torch.allclose(logits[f"{TEACHER}/rgb"], teacher.stream_heads["rgb"](masked_max(rgb, None)), atol=1e-5)
     assert torch.allclose(logits["rgb"], student.head(student.norm(masked_max(student_tokens, None))), atol=1e-5)
-    assert teacher.stream_max == {"rgb"}  # the attention-pooled features stream pools by mean
+    assert teacher.stream_pools == {"rgb": "max", "au": "mean"}  # the attention-pooled features stream: mean
