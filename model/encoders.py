@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 __all__ = ["StagedEncoder", "Stages", "run_stages", "build_encoder", "ENCODERS", "tokens_of", "masked_mean",
-           "masked_max", "pool_tokens", "TransformerStage", "default_pool"]
+           "masked_max", "pool_tokens", "TransformerStage", "default_pool", "registered_builder"]
 
 
 def _groups(channels: int) -> int:
@@ -372,11 +372,17 @@ for _kind, _builders in (("audio", AUDIO_ENCODERS), ("text", TEXT_ENCODERS)):
                             for name, b in _builders.items()})
 
 
+def registered_builder(kind: str, name: str | None = None) -> Callable[..., StagedEncoder] | None:
+    """The builder `build_encoder(kind, name)` would call (name None: the kind's default); None for an unknown
+    kind or name (build_encoder then names the valid ones)."""
+    names = ENCODERS.get(kind, {})
+    return names.get(name or next(iter(names), ""))
+
+
 def default_pool(kind: str, name: str | None = None) -> str:
     """How a unimodal branch pools this encoder's tokens unless its config says otherwise: the builder's
     `default_pool`, else 'mean' (what pretrained backbones were trained with)."""
-    builder = ENCODERS.get(kind, {}).get(name or next(iter(ENCODERS.get(kind, {})), ""))
-    return getattr(builder, "default_pool", "mean")
+    return getattr(registered_builder(kind, name), "default_pool", "mean")
 
 
 def build_encoder(kind: str, name: str | None = None, *, load_weights: bool = True, **cfg) -> StagedEncoder:

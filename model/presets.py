@@ -16,7 +16,7 @@ import inspect
 
 from .backbones import BACKBONES, expected_frame_size, takes_input_size
 from .cotrain import ModalitySpec
-from .encoders import ENCODERS
+from .encoders import registered_builder
 
 __all__ = ["PRESETS", "LIBRARY_PRESETS", "preset", "merge", "modality_specs"]
 
@@ -143,8 +143,7 @@ check it is 16 kHz) and the text tokenizer's special ids (bert checks they are i
 def _builder_parameters(kind: str, name: str | None) -> set[str] | None:
     """The keyword arguments of the chosen encoder's builder; None for an unknown kind or name (build_encoder
     then names the valid ones)."""
-    names = ENCODERS.get(kind, {})
-    builder = names.get(name or next(iter(names), ""))
+    builder = registered_builder(kind, name)
     if builder is None:
         return None
     parameters = inspect.signature(builder).parameters
