@@ -154,6 +154,10 @@ class RunConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.cpu_threads < 0:
             raise ValueError(f"cpu_threads must be >= 0 (0 = cores / ranks on this machine), got {self.cpu_threads}")
+        if self.mode == "cotrain" and self.transfer.gate == "stream_correct" and not self.fusion.stream_loss:
+            raise ValueError("transfer.gate stream_correct (the default) reads the teacher's per-modality streams, "
+                             "which fusion.stream_loss false removes: set transfer.gate teacher_correct, or keep "
+                             "fusion.stream_loss true")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -170,8 +174,13 @@ def config_hash(cfg: RunConfig) -> str:
 
 
 def hashed_config(cfg: RunConfig) -> dict:
-    """The part of the config that config_hash covers (saved in each checkpoint to name what changed)."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in ("out", "metrics", "checkpoint", "shards", "cpu_threads")}
+    """The part of the config that config_hash covers (saved in each checkpoint to name what changed).
+    Transfer settings only change a co-trained run: a baseline or a multimodal model trained with another
+    transfer default is the same run, so a grid reuses it."""
+    left_out = {"out", "metrics", "checkpoint", "shards", "cpu_threads"}
+    if cfg.mode != "cotrain":
+        left_out.add("transfer")
+    return {k: v for k, v in cfg.to_dict().items() if k not in left_out}
 
 
 def config_differences(before: dict, after: dict, prefix: str = "") -> list[str]:

@@ -83,6 +83,21 @@ def test_config_hash_ignores_where_the_run_lives_but_not_the_math():
     assert config_hash(a) != config_hash(b)
 
 
+def test_the_default_gate_without_teacher_streams_is_refused_before_training_with_the_fix():
+    with pytest.raises(ValueError, match="set transfer.gate teacher_correct"):
+        resolve_config(cli={"shards": "s", "out": "o"}, assignments=["fusion.stream_loss=false"])
+
+
+def test_transfer_settings_are_in_the_hash_of_a_cotrained_run_only():
+    """A baseline trained under an older transfer default is the same run: grids reuse it."""
+    for mode, changes in (("cotrain", True), ("unimodal", False), ("multimodal", False)):
+        modalities = ["rgb"] if mode == "unimodal" else []
+        a = RunConfig(shards="s", out="o", mode=mode, modalities=modalities)
+        b = RunConfig(shards="s", out="o", mode=mode, modalities=modalities)
+        b.transfer.gate = "teacher_correct" if a.transfer.gate != "teacher_correct" else "none"
+        assert (config_hash(a) != config_hash(b)) is changes, mode
+
+
 # --- accumulation, NaN, SIGTERM -------------------------------------------------------------------------
 
 def test_a_partial_accumulation_group_at_epoch_end_is_stepped(tiny_shards, tmp_path):
