@@ -10,7 +10,8 @@ clear in 70% of samples, audio clear in 50%. Scored on 224 samples of a second d
 never trained on: the guard's own 48 test samples put one sample at 2 points, and when the video branch's default
 pooling became max the teacher's test score fell from 0.81 to 0.75, below audio's 0.77, while on the 224 held-out
 samples it stayed above every student. Measured (held-out): rgb 0.65, audio 0.81, teacher 0.85 (with mean pooling
-0.67, 0.81, 0.90); the test took 26 s on idle cores (63 s beside two training jobs).
+0.67, 0.81, 0.90); the same three under the stream_correct gate (rgb's best epoch, 4, comes before any transfer);
+the test took 26 s on idle cores (63 s beside two training jobs).
 """
 import pytest
 
