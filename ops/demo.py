@@ -6,6 +6,8 @@ baseline and the co-trained model with the same budget and seed -> evaluate on t
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import re
 import shutil
@@ -26,20 +28,46 @@ def _plan(modalities: list[str]) -> list[tuple[str, str, list[str]]]:
     return plan + [("multimodal", "multimodal", []), ("cotrain", "cotrain", [])]
 
 
+CODE_FILE = "code.sha256"
+"""The digest of the code that trained a demo run (code_digest), beside its model."""
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """A hash of the sources that synthesize, load, train and score (model/, ops/, pipeline/, shards/)."""
+    root, digest = Path(__file__).resolve().parents[1], hashlib.sha256()
+    for source in sorted(path for package in ("model", "ops", "pipeline", "shards")
+                         for path in (root / package).rglob("*.py")):
+        digest.update(source.relative_to(root).as_posix().encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _stale(run: Path, cfg: RunConfig) -> str | None:
+    """Why a run left in the workdir is not this demo's run, or None. The same config is not enough: code that
+    changed since (a default resolved at build time, a loader) trains another model under it, and reusing that
+    run would put an older model's scores in the README's table."""
+    saved, code = run / "config.json", run / CODE_FILE
+    if saved.is_file() and config_hash(load_config(saved)) != config_hash(cfg):
+        return "trained with another config"
+    if (run / MODEL_FILE).is_file() and (not code.is_file() or code.read_text().strip() != code_digest()):
+        return "trained by another version of the code"
+    return None
+
+
 def _train_and_score(run: Path, cfg: RunConfig) -> None:
-    """Train the run unless it is finished under this very config, and score it on test unless that is done.
-    A run left by another version of the demo (another config) is trained again: reusing it would put an old
-    model's scores in the table beside new ones."""
+    """Train the run unless it is finished under this very config and code, and score it on test unless that is
+    done. A run left by another config or another version of the code is trained again."""
     from .train import train
 
-    saved = run / "config.json"
-    if saved.is_file() and config_hash(load_config(saved)) != config_hash(cfg):
-        print(f"[demo] {run} was trained with another config; training it again", flush=True)
+    reason = _stale(run, cfg)
+    if reason:
+        print(f"[demo] {run} was {reason}; training it again", flush=True)
         shutil.rmtree(run)
     if not (run / MODEL_FILE).is_file():
         if run.exists():  # interrupted before it finished: the demo owns its runs, start it over
             shutil.rmtree(run)
         train(cfg)
+        (run / CODE_FILE).write_text(code_digest() + "\n")
     if not (run / "eval-test.json").is_file():
         evaluate_run(run, split="test")
 

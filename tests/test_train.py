@@ -250,6 +250,14 @@ def test_demo_runs_every_stage_prints_the_table_and_repeats_it_exactly(tmp_path)
     assert json.loads((run / "config.json").read_text())["optim"]["lr"] != 0.5
     assert (tmp_path / "b" / "results.md").read_text() == tables[0]
 
+    # and so is one trained by another version of the code under the same config (a default resolved at build
+    # time once put an older model's scores in the README)
+    (run / "code.sha256").write_text("0123456789abcdef\n")
+    result = _demo(tmp_path / "b")
+    assert result.output.count("training it again") == 1 and "another version of the code" in result.output
+    assert (run / "code.sha256").read_text().strip() != "0123456789abcdef"
+    assert (tmp_path / "b" / "results.md").read_text() == tables[0]
+
 
 def test_two_launchers_as_two_nodes_without_ssh_train_together(tiny_shards, tmp_path):
     """The multi-node recipe of the README on one machine: node 0 and node 1 on 127.0.0.1, no SSH."""
