@@ -32,6 +32,9 @@ def init_distributed(cpu_threads: int = 0) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # a second run in this process (a notebook, the test suite) joins the same group, and still gets its
+        # own thread count: it had kept the first run's, so a run asking for 1 thread summed with 2
+        set_cpu_threads(cpu_threads)
         return
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1",

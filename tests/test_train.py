@@ -304,6 +304,22 @@ def test_two_ranks_on_one_machine_share_its_cores(tmp_path):
     assert threads == [max(1, _cores() // 2)] * 2  # 1 each on a 2-core machine, not torch's default of 2
 
 
+def test_a_second_run_in_one_process_gets_its_own_thread_count():
+    """The learning guard asks for one thread so its sums are the same everywhere; in the suite a run before it
+    had initialised the process group, and it trained with that run's two threads."""
+    import torch
+
+    from ops.engine import init_distributed
+
+    before = torch.get_num_threads()
+    try:
+        init_distributed(2)
+        init_distributed(1)  # the group exists now: only the threads change
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_explicit_thread_counts_win_over_the_share(monkeypatch):
     from ops.engine import cpu_threads_per_rank
 
