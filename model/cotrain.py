@@ -164,6 +164,16 @@ class FusionConfig:
     """Scale of the gradient the students' losses send into the shared stages: 1 = both paths train them (the
     paper), 0 = the teacher alone shapes them and each student adapts its own stages to them. Measured in
     docs/results.md (emotion, where sharing cost the teacher accuracy)."""
+    assemble: bool = False
+    """With late_fusion and equal weights (beyond the paper; off, measured): keep each teacher part's weights from
+    its own best validation epoch (every stream, as a unimodal baseline is kept, and the Transformer), choose w
+    again on validation for their assembly, and score the teacher that way where it beats the teacher of the single
+    best epoch on validation (ops/assemble.py). Built because at one epoch for all the streams trailed their
+    baselines (eval-30: video 70.9 vs 72.6, audio 53.2 vs 55.6) and the teacher from scratch fell below late fusion
+    of the baselines. On the development members it changed the teacher by -0.04 points (test, mean of 18 runs:
+    dev-5, dev-10, dev-20, from scratch and co-trained, 3 seeds) with swings of -3.0 and +3.4 on single seeds:
+    chosen on a few hundred validation samples, the assembly is no better than the epoch chosen for how the experts
+    combine (docs/results-protocol.md)."""
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:
@@ -585,6 +595,23 @@ class CoTrainModel(nn.Module):
         if parts[0] == "teacher" and parts[1] in ("rests", "stream_heads"):
             return f"{TEACHER}/{parts[2]}"
         return TEACHER
+
+    @property
+    def teacher_parts(self) -> list[str]:
+        """The parts of the teacher whose best validation weights training keeps, to assemble it from them
+        (fusion.assemble): its streams ("multimodal/<m>") and the Transformer. Empty where the teacher is not late
+        fusion of equally weighted streams plus a Transformer."""
+        teacher = self.teacher
+        if teacher is None or not teacher.late_fusion or teacher.stream_gates is not None:
+            return []
+        return [f"{TEACHER}/{m}" for m in teacher.order] + [TRANSFORMER]
+
+    def stream_state(self, state: dict[str, torch.Tensor], stream: str) -> dict[str, torch.Tensor]:
+        """The entries of `state` that decide a teacher stream's output ("multimodal/<m>"): modality m's shared
+        stages, the teacher's own stages for m and its stream head. Streams share none of them."""
+        m = stream.removeprefix(f"{TEACHER}/")
+        prefixes = (f"shared.{m}.", f"teacher.rests.{m}.", f"teacher.stream_heads.{m}.")
+        return {k: v for k, v in state.items() if k.startswith(prefixes)}
 
     @property
     def branches(self) -> list[str]:

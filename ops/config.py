@@ -176,11 +176,15 @@ def config_hash(cfg: RunConfig) -> str:
 def hashed_config(cfg: RunConfig) -> dict:
     """The part of the config that config_hash covers (saved in each checkpoint to name what changed).
     Transfer settings only change a co-trained run: a baseline or a multimodal model trained with another
-    transfer default is the same run, so a grid reuses it."""
+    transfer default is the same run, so a grid reuses it. fusion.assemble counts only when on: off, the default,
+    is how every run was trained before the option existed, so those runs keep their hash."""
     left_out = {"out", "metrics", "checkpoint", "shards", "cpu_threads"}
     if cfg.mode != "cotrain":
         left_out.add("transfer")
-    return {k: v for k, v in cfg.to_dict().items() if k not in left_out}
+    hashed = {k: v for k, v in cfg.to_dict().items() if k not in left_out}
+    if not hashed["fusion"].get("assemble"):
+        hashed["fusion"] = {k: v for k, v in hashed["fusion"].items() if k != "assemble"}
+    return hashed
 
 
 def config_differences(before: dict, after: dict, prefix: str = "") -> list[str]:

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 
-from model.cotrain import TEACHER, CoTrainModel
+from model.cotrain import TEACHER, TRANSFORMER, CoTrainModel
 from model.export import model_from_payload
 from pipeline.config import LoaderConfig
 from pipeline.loader import BaseLoader, make_loader
 from pipeline.dataset import load_dataset_info
 
+from .assemble import assembled_outputs, part_outputs, read_assembly, score_outputs
 from .device import loader_device_id
 from .progress import progress_bar
 from .scores import is_better, make_scorer, primary_metric
@@ -76,7 +77,7 @@ def score_branches(model: CoTrainModel, loader: BaseLoader, *, branches: list[st
             scorers = {b: make_scorer(task, size or logits[b].shape[-1]) for b in scored}
         everyone = torch.ones(len(batch), dtype=torch.bool, device=batch.labels.device)
         for branch in scored:
-            mask = batch.present[branch] if not branch.startswith(TEACHER) else everyone
+            mask = input_present(batch, branch, everyone)
             scorers[branch].update(logits[branch].float().cpu(), batch.labels.cpu(), mask.cpu())  # bf16 on GPU
         if predictions is not None:
             record_predictions(predictions, batch, {b: logits[b] for b in branches})
@@ -84,11 +85,18 @@ def score_branches(model: CoTrainModel, loader: BaseLoader, *, branches: list[st
     return {b: scorer.result() for b, scorer in scorers.items()}
 
 
+def input_present(batch, branch: str, default):
+    """Which samples of `batch` have the input `branch` sees: a student's or a teacher stream's modality
+    ("rgb", "multimodal/rgb"); `default` for the teacher and its Transformer, which see every sample."""
+    return batch.present.get(branch.removeprefix(f"{TEACHER}/"), default)
+
+
 def record_predictions(predictions: dict, batch, outputs: dict[str, torch.Tensor]) -> None:
     """predictions[key] = {"key", "label", "outputs": {branch: list}}: each sample's raw outputs (logits for
     classes and labels, values for regression), for branches whose input the sample has (the teacher always)."""
     labels = batch.labels.cpu().tolist()
-    present = {b: (batch.present[b].cpu() if b in batch.present else None) for b in outputs}
+    present = {b: input_present(batch, b, None) for b in outputs}
+    present = {b: None if p is None else p.cpu() for b, p in present.items()}
     values = {b: o.float().cpu() for b, o in outputs.items()}
     for i, key in enumerate(batch.keys):
         row = predictions.setdefault(key, {"key": key, "label": labels[i], "outputs": {}})
@@ -134,21 +142,27 @@ def evaluate_run(run: str | Path, *, split: str = "test", shards: str | None = N
                          modalities=[s["name"] for s in payload["specs"]], training=False, device_id=device_id)
     device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
     model.to(device)
+    assembly = read_assembly(run / BEST_DIR) if which == "best" else None
     # branches that share weights (all of them with which='last') are scored in one pass
     sources: dict[Path | None, list[str]] = {}
     for branch in model.branches:
+        if branch == TEACHER and assembly is not None:
+            continue  # scored from its parts, below
         best = _best_weights(run, branch)
         sources.setdefault(best if which == "best" and best.is_file() else None, []).append(branch)
     task, size = task_of(info)
     scores, predictions = {}, {}
+    scoring = dict(task=task, size=size, prepare=lambda batch: batch.to(device), progress=progress)
     for source, branches in sources.items():
         state = payload["state_dict"] if source is None else torch.load(source, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-        scores.update(score_branches(model, loader, branches=branches, task=task, size=size,
-                                     prepare=lambda batch: batch.to(device), predictions=predictions,
-                                     progress=progress))
+        scores.update(score_branches(model, loader, branches=branches, predictions=predictions, **scoring))
+    if assembly is not None:
+        scores[TEACHER] = _score_assembled(model, loader, run / BEST_DIR, assembly, predictions, scoring)
     scores = {b: scores[b] for b in model.branches}
     result = {"split": split, "mode": payload["mode"], "which": which, "task": task, "branches": scores}
+    if assembly is not None:
+        result["assembly"] = {k: assembly[k] for k in ("parts", "transformer_weight")}
     write_predictions(run / f"predictions-{split}.jsonl", predictions)
     if not save_scores:
         return result
@@ -156,6 +170,19 @@ def evaluate_run(run: str | Path, *, split: str = "test", shards: str | None = N
     if task == "class":
         plot_confusions(result, run / "plots", names=getattr(info, "label", {}).get("names"))
     return result
+
+
+def _score_assembled(model: CoTrainModel, loader, folder: Path, assembly: dict, predictions: dict,
+                     scoring: dict) -> dict:
+    """The assembled teacher's scores (ops/assemble.py); its outputs join each sample's predictions."""
+    base = torch.load(_best_weights(folder.parent, TEACHER), map_location="cpu", weights_only=True)
+    rows = part_outputs(model, loader, folder, base, **scoring)
+    streams = [p for p in model.teacher_parts if p != TRANSFORMER]
+    keys, outputs, labels = assembled_outputs(rows, streams, assembly["transformer_weight"], scoring["task"])
+    for key, output in zip(keys, outputs):
+        row = predictions.setdefault(key, {"key": key, "label": rows[key]["label"], "outputs": {}})
+        row["outputs"][TEACHER] = [round(v, 6) for v in output.tolist()]
+    return score_outputs(outputs, labels, scoring["task"], scoring["size"])
 
 
 def plot_confusions(result: dict, folder: Path, names: list[str] | None = None) -> list[Path]:
@@ -195,6 +222,11 @@ def format_scores(result: dict) -> str:
     lines = [f"{'branch':<14}" + "".join(f" {c:>10}" for c in columns) + f" {'samples':>8}"]
     for branch, score in rows.items():
         lines.append(f"{branch:<14}" + "".join(f" {score[c]:>10.4f}" for c in columns) + f" {score['samples']:>8}")
+    if "assembly" in result:
+        parts, weight = result["assembly"]["parts"], result["assembly"]["transformer_weight"]
+        lines.append(f"{TEACHER}: assembled from its parts' best epochs ("
+                     + ", ".join(f"{p.removeprefix(TEACHER + '/')} {e}" for p, e in parts.items())
+                     + f"; Transformer weight {weight:g})")
     return "\n".join(lines)
 
 

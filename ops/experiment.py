@@ -30,7 +30,7 @@ from pathlib import Path
 from model.cotrain import TEACHER
 
 from .config import RunConfig, config_hash, load_config, resolve_config
-from .evaluate import MODEL_FILE
+from .evaluate import BEST_DIR, MODEL_FILE
 from .late_fusion import LATE_FUSION, late_fusion_scores
 from .report import _summary  # mean, population std and n, as `cotrain report` summarises seeds
 from .scores import PRIMARY
@@ -369,6 +369,7 @@ def summarize(cells: list[Cell]) -> tuple[dict, dict]:
             "train_seconds": sum(_wall(run) for run in {c.run for c in cells if c.task == task}),
             "configs": {c.entry: _config_digest(c.cfg) for c in cells if c.task == task and c.seed == first.seed},
             "muted": _muted_seeds([c for c in cells if c.task == task]),
+            "assembled": _assembled_seeds([c for c in cells if c.task == task]),
             # the goals' per-seed checks pair the seeds of these entries, in the spec's seed order
             "per_seed": {entry: branches for (t, entry), branches in per_seed.items()
                          if t == task and entry in ("unimodal", "multimodal", "cotrain", LATE_FUSION)},
@@ -409,6 +410,17 @@ def _muted_seeds(cells: list[Cell]) -> dict[str, dict[str, int]]:
             counts = muted.setdefault(cell.entry, {})
             counts[student] = counts.get(student, 0) + 1
     return muted
+
+
+def _assembled_seeds(cells: list[Cell]) -> dict[str, int]:
+    """entry -> in how many seeds the teacher was scored assembled from its parts' best epochs (fusion.assemble)."""
+    from .assemble import read_assembly
+
+    counts: dict[str, int] = {}
+    for cell in cells:
+        if read_assembly(cell.run / BEST_DIR) is not None:
+            counts[cell.entry] = counts.get(cell.entry, 0) + 1
+    return counts
 
 
 def _wall(run: Path) -> float:

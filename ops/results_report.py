@@ -62,7 +62,19 @@ def _baseline_section(task: str, results: dict, details: dict, plots: Path, link
                      f"{_fmt(fused, scale)} | | | | | |")
     _plot_baselines(results, metric, plots / f"{task}-baselines.png")
     return lines + ["", f"![{task}: alone against co-trained]({link}/{task}-baselines.png)", ""] + \
-        goal_lines(results, details) + _visibility_lines(details)
+        _assembled_lines(results, details) + goal_lines(results, details) + _visibility_lines(details)
+
+
+def _assembled_lines(results: dict, details: dict) -> list[str]:
+    """In how many seeds each teacher was scored from its parts' best epochs (fusion.assemble)."""
+    counts = details.get("assembled")
+    if not counts:  # fusion.assemble off (the default), or never better on validation
+        return []
+    seeds = {entry: next(iter(results.get(entry, {}).values()), {}).get("n", 0) for entry in ("cotrain", "multimodal")}
+    said = [f"{name} in {counts.get(entry, 0)} of {seeds[entry]} seeds" for name, entry in
+            (("co-trained", "cotrain"), ("from scratch", "multimodal")) if seeds[entry]]
+    return [f"Teacher assembled from its parts' best validation epochs (`fusion.assemble`, where that scored higher on "
+            f"validation than its best single epoch): {', '.join(said)}.", ""] if said else []
 
 
 def _visibility_lines(details: dict) -> list[str]:

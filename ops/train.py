@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.cotrain import TEACHER, ModalitySpec, build_model
+from model.cotrain import TEACHER, TRANSFORMER, ModalitySpec, build_model
 from model.objective import step_loss
 from model.presets import modality_specs
 from pipeline.dali_loader import model_inputs
 from pipeline.loader import BaseLoader, make_loader
 from pipeline.dataset import load_dataset_info
 
+from .assemble import ASSEMBLY_FILE, choose_assembly, part_outputs, save_part
 from .checkpoint import CHECKPOINT_DIR, latest_tag, load_checkpoint, save_checkpoint
 from .config import RunConfig, config_hash, deepspeed_config, hashed_config, save_config
 from .device import all_reduce_flags, broadcast_object, check_torch_sees_gpu, compute_dtype, force_cpu, \
@@ -355,22 +356,30 @@ class Trainer:
         if self.val_loader is None:
             return None
         task = self.task
+        kept = model.teacher_parts if self.cfg.fusion.assemble else []
         scores = score_branches(model, self.val_loader, prepare=self._cast, task=task, size=self.task_size,
-                                candidates=True)
+                                branches=model.branches + kept, candidates=True)
         scores = {b: {k: v for k, v in s.items() if k != "confusion"} for b, s in scores.items()}
+        parts = {p: scores.pop(p) for p in kept}
         weight = self._choose_transformer_weight(model, scores, gathered)
         self.metrics.record_eval("val", scores, epoch=epoch + 1)
-        best = self.state.best
-        improved = [b for b, s in scores.items() if is_better(task, s, best.get(b))]
+        improved = [b for b, s in scores.items() if is_better(task, s, self.state.best.get(b))]
+        parts_improved = [p for p, s in parts.items() if is_better(task, s, self.state.part_best.get(p))]
         # one copy, however many branches improved; none at all under ZeRO-3, where the gathered state is it
-        state = (gathered if gathered is not None else _fp32_state(model)) if improved else None
+        state = (gathered if gathered is not None else _fp32_state(model)) if improved or parts_improved else None
+        folder = self.out / BEST_DIR
         for branch in improved:
-            best[branch] = dict(scores[branch], epoch=epoch + 1)
-            (self.out / BEST_DIR).mkdir(exist_ok=True)
-            torch.save(state, self.out / BEST_DIR / f"{branch}.pt")
+            self.state.best[branch] = dict(scores[branch], epoch=epoch + 1)
+            folder.mkdir(exist_ok=True)
+            torch.save(state, folder / f"{branch}.pt")
+        for part in parts_improved:
+            self.state.part_best[part] = dict(parts[part], epoch=epoch + 1)
+            save_part(model, folder, part, state)
         metric = primary_metric(task)
         self.state.history.append({"epoch": epoch + 1, "train": train_means, "metric": metric,
                                    "val": {b: s[metric] for b, s in scores.items()}})
+        if parts:
+            self.state.history[-1]["teacher_parts"] = {p: s[metric] for p, s in parts.items()}
         if weight is not None:
             self.state.history[-1]["transformer_weight"] = weight
         _log(0, f"  val {metric} " + "  ".join(f"{b} {s[metric]:.3f}" for b, s in scores.items()))
@@ -409,6 +418,35 @@ class Trainer:
             _log(0, "  transfer guard: " + (f"no transfer to {', '.join(decided[0])} (the teacher does not lead "
                                             f"by {transfer.guard_margin:.0%} on val)" if decided[0]
                                             else "transfer to every student"))
+
+    def _assemble_teacher(self) -> None:
+        """fusion.assemble (rank 0, after training): score the teacher assembled from its parts' best weights on
+        validation under every Transformer weight; where it beats the best single-epoch teacher, it becomes the
+        teacher that is evaluated (best/assembly.json, ops/assemble.py)."""
+        parts = self.engine.module.teacher_parts
+        single = self.state.best.get(TEACHER)
+        if (self.rank != 0 or not self.cfg.fusion.assemble or not parts or single is None
+                or set(parts) - set(self.state.part_best)):
+            return
+        folder = self.out / BEST_DIR
+        model = self._build_model(load_weights=False).to(device=self.engine.device, dtype=self.dtype)
+        rows = part_outputs(model, self.val_loader, folder, _fp32_state(model), prepare=self._cast, task=self.task,
+                            size=self.task_size)
+        streams = [p for p in parts if p != TRANSFORMER]
+        weight, score = choose_assembly(rows, streams, self.cfg.fusion.transformer_weights, self.task,
+                                        self.task_size)
+        score = {k: v for k, v in score.items() if k != "confusion"}
+        used = is_better(self.task, score, single)
+        record = {"used": used, "transformer_weight": weight, "val": score, "single_epoch_val": single,
+                  "parts": {p: self.state.part_best[p]["epoch"] for p in parts}}
+        (folder / ASSEMBLY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        metric = primary_metric(self.task)
+        _log(0, f"assembled teacher: val {metric} {score[metric]:.3f} (w {weight:g}; parts' epochs "
+                + ", ".join(f"{p.removeprefix(TEACHER + '/')} {e}" for p, e in record["parts"].items())
+                + f") against {single[metric]:.3f} at one epoch: " + ("used" if used else "not used"))
+        if used:
+            self.state.best[TEACHER] = dict(score, epoch=single["epoch"], assembled=record["parts"],
+                                            transformer_weight=weight)
 
     def _report_validation(self) -> None:
         if self.rank != 0 or not self.state.best:
@@ -450,6 +488,7 @@ class Trainer:
                 self.state.batch_in_epoch = 0
                 self.state.epoch_sums, self.state.epoch_count = {}, 0
             self._save()
+            self._assemble_teacher()
             self._report_validation()
             return True
         finally:
@@ -473,6 +512,8 @@ class LoopState:
     bad_total: int = 0
     saved_at: int = -1
     best: dict = field(default_factory=dict)
+    part_best: dict = field(default_factory=dict)
+    """The teacher parts' best validation scores and epochs (fusion.assemble)."""
     history: list = field(default_factory=list)
     muted: list = field(default_factory=list)
     """Students the validation guard keeps from transfer, sorted (transfer.guard)."""

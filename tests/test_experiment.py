@@ -158,6 +158,29 @@ def test_details_count_the_seeds_whose_guard_muted_each_student(tmp_path):
     assert _muted_seeds(cells) == {"cotrain": {"text": 1}, "alpha/alpha=5": {"text": 1}}
 
 
+def test_details_and_report_count_the_seeds_whose_teacher_was_assembled(tmp_path):
+    from ops.experiment import Cell, _assembled_seeds
+    from ops.results_report import _assembled_lines
+
+    def run(name, used, parts=("multimodal/a", "multimodal/transformer")):
+        best = tmp_path / name / "best"
+        (best / "multimodal").mkdir(parents=True)
+        for part in parts:
+            (best / f"{part}.pt").write_bytes(b"weights")
+        (best / "assembly.json").write_text(json.dumps({"used": used, "parts": {"multimodal/a": 2,
+                                                                                 "multimodal/transformer": 3}}))
+        return tmp_path / name
+
+    cells = [Cell("t", "cotrain", 0, None, run("a", True)), Cell("t", "cotrain", 1, None, run("b", False)),
+             Cell("t", "cotrain", 2, None, run("c", True, parts=("multimodal/a",))),  # a part's weights are gone
+             Cell("t", "multimodal", 0, None, run("d", True))]
+    counts = _assembled_seeds(cells)
+    assert counts == {"cotrain": 1, "multimodal": 1}
+    n = {"mean": 0.5, "std": 0.0, "n": 3}
+    lines = _assembled_lines({"cotrain": {"multimodal": n}, "multimodal": {"multimodal": n}}, {"assembled": counts})
+    assert "co-trained in 1 of 3 seeds, from scratch in 1 of 3 seeds." in lines[0]
+
+
 def test_an_ablation_of_multimodal_only_runs_is_chosen_by_the_teacher(tmp_path):
     from ops.results_report import write_results_report
 

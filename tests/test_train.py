@@ -34,6 +34,7 @@ def test_one_epoch_in_each_mode_then_eval_writes_json(tiny_shards, tmp_path, mod
     _train(tiny_shards, run, "--mode", mode, *(["--modalities", modalities] if modalities else []))
     assert (run / "model.pt").is_file() and (run / "config.json").is_file()
     assert load_config(run / "config.json").mode == mode
+    assert not (run / "best" / "multimodal").exists()  # fusion.assemble off: no teacher parts kept
 
     result = CliRunner().invoke(main, ["eval", "--run", str(run), "--split", "test"])
     assert result.exit_code == 0, result.output

@@ -1,0 +1,113 @@
+"""The teacher assembled from its parts' best epochs (fusion.assemble).
+
+A late-fusion teacher is the product of its streams plus w times its Transformer. Scored at one epoch for all,
+each stream is somewhere past or short of its own best, while late fusion of the unimodal baselines takes each
+baseline at its best epoch: on eval-30 the streams at the teacher's best epoch trailed their baselines by 1.7
+and 2.4 points, and the teacher fell 4.1 below late fusion. So training keeps each part's weights from its own
+best validation epoch, and at the end scores the assembly on validation under every w:
+
+    best/multimodal.pt + each stream's own weights ── one pass ─> the streams ── late fusion ──────┐
+    best/multimodal/transformer.pt ────────────────── one pass ─> the Transformer ─ + w * log p ──┴─> teacher
+
+Where the assembly beats the single-epoch teacher on validation, best/assembly.json says so (with w and each
+part's epoch) and `cotrain eval` scores the teacher this way. A stream's file holds only its own weights (its
+modality's shared stages, the teacher's stages for it, its head): streams share none, so one pass serves all.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from model.cotrain import TRANSFORMER, CoTrainModel, combine_teacher
+from model.tasks import late_fusion
+
+from .scores import is_better, make_scorer
+
+__all__ = ["ASSEMBLY_FILE", "part_path", "save_part", "part_outputs", "assembled_outputs", "score_outputs",
+           "choose_assembly", "read_assembly"]
+
+ASSEMBLY_FILE = "assembly.json"
+
+
+def part_path(folder: Path, part: str) -> Path:
+    """Where a part's best weights live: best/multimodal/<m>.pt, best/multimodal/transformer.pt."""
+    return folder / f"{part}.pt"
+
+
+def save_part(model: CoTrainModel, folder: Path, part: str, state: dict[str, torch.Tensor]) -> None:
+    """Keep `state` as `part`'s best weights (a stream's own entries only; the whole model for the Transformer,
+    whose tokens come from every stream)."""
+    path = part_path(folder, part)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state if part == TRANSFORMER else model.stream_state(state, part), path)
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def part_outputs(model: CoTrainModel, loader, folder: Path, base: dict[str, torch.Tensor], **scoring) -> dict:
+    """Each sample's outputs from every teacher part at its best epoch: key -> {"key", "label", "outputs":
+    {part: list}} (a stream only where the sample has its modality). `base` is the state the streams' own
+    weights are laid over (any full state of the model); `scoring` goes to score_branches."""
+    from .evaluate import score_branches
+
+    streams = [p for p in model.teacher_parts if p != TRANSFORMER]
+    rows: dict = {}
+    model.load_state_dict(base)
+    for stream in streams:
+        model.load_state_dict(_load(part_path(folder, stream)), strict=False)
+    score_branches(model, loader, branches=streams, predictions=rows, **scoring)
+    model.load_state_dict(_load(part_path(folder, TRANSFORMER)))
+    score_branches(model, loader, branches=[TRANSFORMER], predictions=rows, **scoring)
+    return rows
+
+
+def assembled_outputs(rows: dict, streams: list[str], weight: float,
+                      task: str) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(keys, the assembled teacher's outputs (N, K), labels) from part_outputs' rows, with Transformer weight w."""
+    keys = sorted(rows)
+    transformer = torch.tensor([rows[k]["outputs"][TRANSFORMER] for k in keys], dtype=torch.float64)
+    outputs = torch.zeros(len(streams), *transformer.shape, dtype=torch.float64)
+    mask = torch.zeros(len(streams), len(keys), 1, dtype=torch.float64)
+    for s, stream in enumerate(streams):
+        for i, key in enumerate(keys):
+            values = rows[key]["outputs"].get(stream)
+            if values is not None:
+                outputs[s, i], mask[s, i] = torch.tensor(values, dtype=torch.float64), 1.0
+    teacher = combine_teacher(late_fusion(outputs, mask, task), transformer, weight, task)
+    labels = torch.tensor([rows[k]["label"] for k in keys], dtype=torch.long if task == "class" else torch.float32)
+    return keys, teacher.float(), labels
+
+
+def score_outputs(outputs: torch.Tensor, labels: torch.Tensor, task: str, size: int) -> dict:
+    """The scores (ops/scores.py) of outputs over every sample."""
+    scorer = make_scorer(task, size)
+    scorer.update(outputs, labels, torch.ones(len(labels), dtype=torch.bool))
+    return scorer.result()
+
+
+def choose_assembly(rows: dict, streams: list[str], weights: tuple[float, ...], task: str,
+                    size: int) -> tuple[float, dict]:
+    """(w, score): the Transformer weight under which the assembled teacher scores best on these rows (the first
+    of equals, as during training)."""
+    best = None
+    for weight in weights:
+        _, outputs, labels = assembled_outputs(rows, streams, weight, task)
+        score = score_outputs(outputs, labels, task, size)
+        if best is None or is_better(task, score, best[1]):
+            best = (weight, score)
+    return best
+
+
+def read_assembly(folder: Path) -> dict | None:
+    """best/assembly.json where the assembled teacher won on validation and every part's weights are there;
+    None otherwise (runs from before fusion.assemble, or where the single-epoch teacher scored higher)."""
+    path = folder / ASSEMBLY_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    parts = [part_path(folder, p) for p in record.get("parts", {})]
+    return record if record.get("used") and all(p.is_file() for p in parts) else None
