@@ -66,13 +66,13 @@ def _baseline_section(task: str, results: dict, details: dict, plots: Path, link
 
 
 def _assembled_lines(results: dict, details: dict) -> list[str]:
-    """In how many seeds each teacher was scored from its parts' best epochs (fusion.assemble)."""
+    """In how many seeds each entry's teacher was scored from its parts' best epochs (fusion.assemble)."""
     counts = details.get("assembled")
     if not counts:  # fusion.assemble off (the default), or never better on validation
         return []
-    seeds = {entry: next(iter(results.get(entry, {}).values()), {}).get("n", 0) for entry in ("cotrain", "multimodal")}
-    said = [f"{name} in {counts.get(entry, 0)} of {seeds[entry]} seeds" for name, entry in
-            (("co-trained", "cotrain"), ("from scratch", "multimodal")) if seeds[entry]]
+    names = {"cotrain": "co-trained", "multimodal": "from scratch"}
+    said = [f"{names.get(entry, entry)} in {count} of {results[entry][TEACHER]['n']} seeds"
+            for entry, count in sorted(counts.items()) if TEACHER in results.get(entry, {})]
     return [f"Teacher assembled from its parts' best validation epochs (`fusion.assemble`, where that scored higher on "
             f"validation than its best single epoch): {', '.join(said)}.", ""] if said else []
 

@@ -179,6 +179,7 @@ def test_details_and_report_count_the_seeds_whose_teacher_was_assembled(tmp_path
     n = {"mean": 0.5, "std": 0.0, "n": 3}
     lines = _assembled_lines({"cotrain": {"multimodal": n}, "multimodal": {"multimodal": n}}, {"assembled": counts})
     assert "co-trained in 1 of 3 seeds, from scratch in 1 of 3 seeds." in lines[0]
+    assert _assembled_lines({"cotrain": {"multimodal": n}}, {"assembled": {}}) == []  # the option off: no line
 
 
 def test_an_ablation_of_multimodal_only_runs_is_chosen_by_the_teacher(tmp_path):
