@@ -26,7 +26,7 @@ from model.tasks import late_fusion
 from .scores import is_better, make_scorer
 
 __all__ = ["ASSEMBLY_FILE", "part_path", "save_part", "part_outputs", "assembled_outputs", "score_outputs",
-           "choose_assembly", "read_assembly"]
+           "choose_assembly", "assemble_on_validation", "read_assembly"]
 
 ASSEMBLY_FILE = "assembly.json"
 
@@ -48,15 +48,17 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def part_outputs(model: CoTrainModel, loader, folder: Path, base: dict[str, torch.Tensor], **scoring) -> dict:
+def part_outputs(model: CoTrainModel, loader, folder: Path, base: dict[str, torch.Tensor] | None = None,
+                 **scoring) -> dict:
     """Each sample's outputs from every teacher part at its best epoch: key -> {"key", "label", "outputs":
-    {part: list}} (a stream only where the sample has its modality). `base` is the state the streams' own
-    weights are laid over (any full state of the model); `scoring` goes to score_branches."""
+    {part: list}} (a stream only where the sample has its modality). The streams' own weights are laid over
+    `base` (any full state of the model; None: the model's own); `scoring` goes to score_branches."""
     from .evaluate import score_branches
 
     streams = [p for p in model.teacher_parts if p != TRANSFORMER]
     rows: dict = {}
-    model.load_state_dict(base)
+    if base is not None:
+        model.load_state_dict(base)
     for stream in streams:
         model.load_state_dict(_load(part_path(folder, stream)), strict=False)
     score_branches(model, loader, branches=streams, predictions=rows, **scoring)
@@ -100,6 +102,21 @@ def choose_assembly(rows: dict, streams: list[str], weights: tuple[float, ...], 
         if best is None or is_better(task, score, best[1]):
             best = (weight, score)
     return best
+
+
+def assemble_on_validation(model: CoTrainModel, loader, folder: Path, *, part_epochs: dict[str, int], single: dict,
+                           weights: tuple[float, ...], task: str, size: int, prepare) -> dict:
+    """Score the assembly of the parts' best weights in `folder` on `loader` (validation) under every weight,
+    compare it with `single` (the single best epoch's teacher score) and write best/assembly.json: {"used",
+    "transformer_weight", "val", "single_epoch_val", "parts": {part: epoch}}."""
+    rows = part_outputs(model, loader, folder, prepare=prepare, task=task, size=size)
+    streams = [p for p in model.teacher_parts if p != TRANSFORMER]
+    weight, score = choose_assembly(rows, streams, weights, task, size)
+    score = {k: v for k, v in score.items() if k != "confusion"}
+    record = {"used": is_better(task, score, single), "transformer_weight": weight, "val": score,
+              "single_epoch_val": single, "parts": part_epochs}
+    (folder / ASSEMBLY_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def read_assembly(folder: Path) -> dict | None:

@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model.cotrain import TEACHER, TRANSFORMER, ModalitySpec, build_model
+from model.cotrain import TEACHER, ModalitySpec, build_model
 from model.objective import step_loss
 from model.presets import modality_specs
 from pipeline.dali_loader import model_inputs
 from pipeline.loader import BaseLoader, make_loader
 from pipeline.dataset import load_dataset_info
 
-from .assemble import ASSEMBLY_FILE, choose_assembly, part_outputs, save_part
+from .assemble import assemble_on_validation, save_part
 from .checkpoint import CHECKPOINT_DIR, latest_tag, load_checkpoint, save_checkpoint
 from .config import RunConfig, config_hash, deepspeed_config, hashed_config, save_config
 from .device import all_reduce_flags, broadcast_object, check_torch_sees_gpu, compute_dtype, force_cpu, \
@@ -428,23 +428,16 @@ class Trainer:
         if (self.rank != 0 or not self.cfg.fusion.assemble or not parts or single is None
                 or set(parts) - set(self.state.part_best)):
             return
-        folder = self.out / BEST_DIR
         model = self._build_model(load_weights=False).to(device=self.engine.device, dtype=self.dtype)
-        rows = part_outputs(model, self.val_loader, folder, _fp32_state(model), prepare=self._cast, task=self.task,
-                            size=self.task_size)
-        streams = [p for p in parts if p != TRANSFORMER]
-        weight, score = choose_assembly(rows, streams, self.cfg.fusion.transformer_weights, self.task,
-                                        self.task_size)
-        score = {k: v for k, v in score.items() if k != "confusion"}
-        used = is_better(self.task, score, single)
-        record = {"used": used, "transformer_weight": weight, "val": score, "single_epoch_val": single,
-                  "parts": {p: self.state.part_best[p]["epoch"] for p in parts}}
-        (folder / ASSEMBLY_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        metric = primary_metric(self.task)
+        record = assemble_on_validation(model, self.val_loader, self.out / BEST_DIR, single=single,
+                                        part_epochs={p: self.state.part_best[p]["epoch"] for p in parts},
+                                        weights=self.cfg.fusion.transformer_weights, task=self.task,
+                                        size=self.task_size, prepare=self._cast)
+        metric, score, weight = primary_metric(self.task), record["val"], record["transformer_weight"]
         _log(0, f"assembled teacher: val {metric} {score[metric]:.3f} (w {weight:g}; parts' epochs "
                 + ", ".join(f"{p.removeprefix(TEACHER + '/')} {e}" for p, e in record["parts"].items())
-                + f") against {single[metric]:.3f} at one epoch: " + ("used" if used else "not used"))
-        if used:
+                + f") against {single[metric]:.3f} at one epoch: " + ("used" if record["used"] else "not used"))
+        if record["used"]:
             self.state.best[TEACHER] = dict(score, epoch=single["epoch"], assembled=record["parts"],
                                             transformer_weight=weight)
 
