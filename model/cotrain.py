@@ -173,7 +173,7 @@ class FusionConfig:
     of the baselines. On the development members it changed the teacher by -0.04 points (test, mean of 18 runs:
     dev-5, dev-10, dev-20, from scratch and co-trained, 3 seeds) with swings of -3.0 and +3.4 on single seeds:
     chosen on a few hundred validation samples, the assembly is no better than the epoch chosen for how the experts
-    combine (docs/results-protocol.md)."""
+    combine (docs/results-assemble.md)."""
 
     def __post_init__(self):
         if self.pooling not in POOLINGS:

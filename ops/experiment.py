@@ -29,6 +29,7 @@ from pathlib import Path
 
 from model.cotrain import TEACHER
 
+from .assemble import read_assembly
 from .config import RunConfig, config_hash, load_config, resolve_config
 from .evaluate import BEST_DIR, MODEL_FILE
 from .late_fusion import LATE_FUSION, late_fusion_scores
@@ -414,8 +415,6 @@ def _muted_seeds(cells: list[Cell]) -> dict[str, dict[str, int]]:
 
 def _assembled_seeds(cells: list[Cell]) -> dict[str, int]:
     """entry -> in how many seeds the teacher was scored assembled from its parts' best epochs (fusion.assemble)."""
-    from .assemble import read_assembly
-
     counts: dict[str, int] = {}
     for cell in cells:
         if read_assembly(cell.run / BEST_DIR) is not None:
