@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from model.cotrain import TRANSFORMER, CoTrainModel, combine_teacher
-from model.tasks import late_fusion
 
+from .late_fusion import fuse_runs
 from .scores import is_better, make_scorer
 
-__all__ = ["ASSEMBLY_FILE", "part_path", "save_part", "part_outputs", "assembled_outputs", "score_outputs",
-           "choose_assembly", "assemble_on_validation", "read_assembly"]
+__all__ = ["ASSEMBLY_FILE", "part_path", "save_part", "stream_parts", "part_outputs", "assembled_outputs",
+           "score_outputs", "choose_assembly", "assemble_on_validation", "read_assembly"]
 
 ASSEMBLY_FILE = "assembly.json"
 
@@ -48,6 +48,11 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def stream_parts(model: CoTrainModel) -> list[str]:
+    """The teacher's streams among its parts ("multimodal/<m>"): the experts its late fusion multiplies."""
+    return [p for p in model.teacher_parts if p != TRANSFORMER]
+
+
 def part_outputs(model: CoTrainModel, loader, folder: Path, base: dict[str, torch.Tensor] | None = None,
                  **scoring) -> dict:
     """Each sample's outputs from every teacher part at its best epoch: key -> {"key", "label", "outputs":
@@ -55,7 +60,7 @@ def part_outputs(model: CoTrainModel, loader, folder: Path, base: dict[str, torc
     `base` (any full state of the model; None: the model's own); `scoring` goes to score_branches."""
     from .evaluate import score_branches
 
-    streams = [p for p in model.teacher_parts if p != TRANSFORMER]
+    streams = stream_parts(model)
     rows: dict = {}
     if base is not None:
         model.load_state_dict(base)
@@ -67,21 +72,23 @@ def part_outputs(model: CoTrainModel, loader, folder: Path, base: dict[str, torc
     return rows
 
 
+def _fused_parts(rows: dict, streams: list[str],
+                 task: str) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys, late fusion of the streams (N, K), the Transformer's outputs (N, K), labels) from part_outputs' rows:
+    what every Transformer weight shares. The streams fuse as late fusion of the baselines does (fuse_runs), each
+    stream an expert that saw the samples with its modality."""
+    experts = [{key: {"label": row["label"], "outputs": {stream: row["outputs"][stream]}}
+                for key, row in rows.items() if stream in row["outputs"]} for stream in streams]
+    keys, fused, labels, _ = fuse_runs(experts, task)
+    transformer = torch.tensor([rows[k]["outputs"][TRANSFORMER] for k in keys], dtype=torch.float64)
+    return keys, fused, transformer, labels
+
+
 def assembled_outputs(rows: dict, streams: list[str], weight: float,
                       task: str) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(keys, the assembled teacher's outputs (N, K), labels) from part_outputs' rows, with Transformer weight w."""
-    keys = sorted(rows)
-    transformer = torch.tensor([rows[k]["outputs"][TRANSFORMER] for k in keys], dtype=torch.float64)
-    outputs = torch.zeros(len(streams), *transformer.shape, dtype=torch.float64)
-    mask = torch.zeros(len(streams), len(keys), 1, dtype=torch.float64)
-    for s, stream in enumerate(streams):
-        for i, key in enumerate(keys):
-            values = rows[key]["outputs"].get(stream)
-            if values is not None:
-                outputs[s, i], mask[s, i] = torch.tensor(values, dtype=torch.float64), 1.0
-    teacher = combine_teacher(late_fusion(outputs, mask, task), transformer, weight, task)
-    labels = torch.tensor([rows[k]["label"] for k in keys], dtype=torch.long if task == "class" else torch.float32)
-    return keys, teacher.float(), labels
+    keys, fused, transformer, labels = _fused_parts(rows, streams, task)
+    return keys, combine_teacher(fused, transformer, weight, task).float(), labels
 
 
 def score_outputs(outputs: torch.Tensor, labels: torch.Tensor, task: str, size: int) -> dict:
@@ -95,10 +102,10 @@ def choose_assembly(rows: dict, streams: list[str], weights: tuple[float, ...], 
                     size: int) -> tuple[float, dict]:
     """(w, score): the Transformer weight under which the assembled teacher scores best on these rows (the first
     of equals, as during training)."""
+    _, fused, transformer, labels = _fused_parts(rows, streams, task)
     best = None
     for weight in weights:
-        _, outputs, labels = assembled_outputs(rows, streams, weight, task)
-        score = score_outputs(outputs, labels, task, size)
+        score = score_outputs(combine_teacher(fused, transformer, weight, task).float(), labels, task, size)
         if best is None or is_better(task, score, best[1]):
             best = (weight, score)
     return best
@@ -110,8 +117,7 @@ def assemble_on_validation(model: CoTrainModel, loader, folder: Path, *, part_ep
     compare it with `single` (the single best epoch's teacher score) and write best/assembly.json: {"used",
     "transformer_weight", "val", "single_epoch_val", "parts": {part: epoch}}."""
     rows = part_outputs(model, loader, folder, prepare=prepare, task=task, size=size)
-    streams = [p for p in model.teacher_parts if p != TRANSFORMER]
-    weight, score = choose_assembly(rows, streams, weights, task, size)
+    weight, score = choose_assembly(rows, stream_parts(model), weights, task, size)
     score = {k: v for k, v in score.items() if k != "confusion"}
     record = {"used": is_better(task, score, single), "transformer_weight": weight, "val": score,
               "single_epoch_val": single, "parts": part_epochs}

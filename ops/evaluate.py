@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from model.cotrain import TEACHER, TRANSFORMER, CoTrainModel
+from model.cotrain import TEACHER, CoTrainModel
 from model.export import model_from_payload
 from pipeline.config import LoaderConfig
 from pipeline.loader import BaseLoader, make_loader
 from pipeline.dataset import load_dataset_info
 
-from .assemble import assembled_outputs, part_outputs, read_assembly, score_outputs
+from .assemble import assembled_outputs, part_outputs, read_assembly, score_outputs, stream_parts
 from .device import loader_device_id
 from .progress import progress_bar
 from .scores import is_better, make_scorer, primary_metric
@@ -177,8 +177,8 @@ def _score_assembled(model: CoTrainModel, loader, folder: Path, assembly: dict, 
     """The assembled teacher's scores (ops/assemble.py); its outputs join each sample's predictions."""
     base = torch.load(_best_weights(folder.parent, TEACHER), map_location="cpu", weights_only=True)
     rows = part_outputs(model, loader, folder, base, **scoring)
-    streams = [p for p in model.teacher_parts if p != TRANSFORMER]
-    keys, outputs, labels = assembled_outputs(rows, streams, assembly["transformer_weight"], scoring["task"])
+    keys, outputs, labels = assembled_outputs(rows, stream_parts(model), assembly["transformer_weight"],
+                                              scoring["task"])
     for key, output in zip(keys, outputs):
         row = predictions.setdefault(key, {"key": key, "label": rows[key]["label"], "outputs": {}})
         row["outputs"][TEACHER] = [round(v, 6) for v in output.tolist()]

@@ -31,9 +31,10 @@ def run_predictions(run: str | Path, split: str) -> dict[str, dict]:
     return read_predictions(path)
 
 
-def fuse_runs(predictions: list[dict[str, dict]], task: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(fused outputs (N, K), labels, mask (N,) of samples any expert saw) over the union of the runs' keys;
-    each run contributes its one branch's outputs where the sample had that branch's input."""
+def fuse_runs(predictions: list[dict[str, dict]],
+              task: str) -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys, fused outputs (N, K), labels, mask (N,) of samples any expert saw) over the sorted union of the runs'
+    keys; each run contributes its one branch's outputs where the sample had that branch's input."""
     keys = sorted(set().union(*predictions))
     width = next(len(out) for rows in predictions for row in rows.values() for out in row["outputs"].values())
     outputs = torch.zeros(len(predictions), len(keys), width, dtype=torch.float64)
@@ -48,7 +49,7 @@ def fuse_runs(predictions: list[dict[str, dict]], task: str) -> tuple[torch.Tens
             for values in row["outputs"].values():  # a unimodal run has one branch
                 outputs[m, i] = torch.tensor(values, dtype=torch.float64)
                 mask[m, i] = 1.0
-    return late_fusion(outputs, mask, task), _labels(labels, task), mask.sum(dim=0)[:, 0] > 0
+    return keys, late_fusion(outputs, mask, task), _labels(labels, task), mask.sum(dim=0)[:, 0] > 0
 
 
 def _labels(labels: list, task: str) -> torch.Tensor:
@@ -57,7 +58,7 @@ def _labels(labels: list, task: str) -> torch.Tensor:
 
 def late_fusion_scores(runs: list[str | Path], split: str, task: str) -> dict:
     """The scores (ops/scores.py) of late fusion of `runs` (one unimodal run per modality) on `split`."""
-    fused, labels, seen = fuse_runs([run_predictions(run, split) for run in runs], task)
+    _, fused, labels, seen = fuse_runs([run_predictions(run, split) for run in runs], task)
     scorer = make_scorer(task, fused.shape[-1])  # classes, labels or the target's dimension
     scorer.update(fused.float(), labels, seen)
     return scorer.result()
